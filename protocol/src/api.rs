@@ -1,0 +1,101 @@
+//! Control-API messages (HTTP/1.1 + JSON on the VM's `api_socket`).
+//!
+//! The OpenAPI description in `vmm-core/api/openapi.yaml` documents these types; a test
+//! keeps the two in step.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::DeviceKind;
+
+/// The lifecycle state of a VM (the vCPU state machine).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    /// vCPUs are being created, backends started.
+    Starting,
+    /// vCPUs run guest code.
+    Running,
+    /// vCPUs are stopped outside KVM_RUN; devices keep their state.
+    Paused,
+    /// The guest has ended or was stopped.
+    Stopped,
+}
+
+/// Body of `PUT /vm/state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmStateRequest {
+    /// The state wanted.
+    pub state: RequestedState,
+}
+
+/// States a client may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RequestedState {
+    /// Resume vCPUs.
+    Running,
+    /// Stop vCPUs outside KVM_RUN.
+    Paused,
+    /// End the VM (the `plexvm` process exits).
+    Stopped,
+}
+
+/// State of a device's backend connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    /// Connected and serving.
+    Up,
+    /// Gone; the device's queues stall.
+    Down,
+    /// Being restarted or reconnected.
+    Reconnecting,
+}
+
+/// One device as `GET /vm` reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// Device id from the spec.
+    pub id: String,
+    /// Virtio device kind.
+    pub kind: DeviceKind,
+    /// Guest-physical base of its virtio-mmio window.
+    pub mmio_base: u64,
+    /// Its interrupt line (GSI).
+    pub irq: u32,
+    /// vhost-user socket path.
+    pub socket: PathBuf,
+    /// Backend process id when the core spawned it.
+    pub backend_pid: Option<u32>,
+    /// Backend connection state.
+    pub state: BackendState,
+    /// Whether the guest driver has set DRIVER_OK.
+    pub activated: bool,
+}
+
+/// Body of `GET /vm`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// VM name.
+    pub name: String,
+    /// Lifecycle state.
+    pub state: VmState,
+    /// vCPU count.
+    pub vcpus: u8,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// The core's process id.
+    pub pid: u32,
+    /// Devices in guest order.
+    pub devices: Vec<DeviceInfo>,
+}
+
+/// Body of every error response (4xx/5xx).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// One sentence saying what was wrong.
+    pub error: String,
+}

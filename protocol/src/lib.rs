@@ -1,0 +1,9 @@
+//! Types shared by plexvm's processes: the VM spec (TOML), control-API messages
+//! (JSON), and where per-VM sockets live. No I/O beyond (de)serialising and checking
+//! that files named in a spec exist.
+
+pub mod api;
+pub mod paths;
+pub mod spec;
+
+pub use spec::{SpecError, VmSpec};

@@ -1,0 +1,604 @@
+//! The VM spec: the TOML file `plexvm run` takes.
+//!
+//! Parsing is strict (unknown keys are errors) and every error names the field it is
+//! about in one line, because the spec is written by hand.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Highest vCPU count a spec may ask for.
+pub const MAX_VCPUS: u8 = 32;
+/// The `kernel` value that selects the probe guest embedded in `plexvm`.
+pub const PROBE_KERNEL: &str = "probe";
+
+/// A whole spec file as written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    /// The `[vm]` table.
+    pub vm: VmConfig,
+    /// The `[[device]]` tables, in the order the guest sees them.
+    #[serde(default, rename = "device", skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceSpec>,
+}
+
+/// The `[vm]` table.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// A name for logs, the API and per-VM runtime paths.
+    pub name: String,
+    /// Number of vCPUs, 1..=32.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// `"probe"` or a path to a kernel image.
+    pub kernel: String,
+    /// Kernel command line; the core appends its own entries.
+    #[serde(default)]
+    pub cmdline: String,
+    /// Where the guest's COM1 goes.
+    #[serde(default)]
+    pub serial: SerialSink,
+    /// Control-API socket path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_socket: Option<PathBuf>,
+}
+
+fn default_vcpus() -> u8 {
+    1
+}
+
+/// Where serial output goes: `stdout`, `none` or `file:PATH`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum SerialSink {
+    /// The `plexvm` process's standard output.
+    #[default]
+    Stdout,
+    /// Discarded.
+    None,
+    /// Appended to a file (created if missing).
+    File(PathBuf),
+}
+
+impl fmt::Display for SerialSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SerialSink::Stdout => f.write_str("stdout"),
+            SerialSink::None => f.write_str("none"),
+            SerialSink::File(p) => write!(f, "file:{}", p.display()),
+        }
+    }
+}
+
+impl std::str::FromStr for SerialSink {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "stdout" => Ok(SerialSink::Stdout),
+            "none" => Ok(SerialSink::None),
+            _ => match s.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => Ok(SerialSink::File(PathBuf::from(p))),
+                _ => Err(format!(
+                    "expected \"stdout\", \"none\" or \"file:PATH\", got {s:?}"
+                )),
+            },
+        }
+    }
+}
+
+impl Serialize for SerialSink {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for SerialSink {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The virtio device kinds a `[[device]]` may name (virtio 1.2 spec, section 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceKind {
+    /// virtio-net, device ID 1.
+    Net,
+    /// virtio-blk, device ID 2.
+    Blk,
+    /// virtio-console, device ID 3.
+    Console,
+    /// virtio-rng, device ID 4.
+    Rng,
+    /// virtio-vsock, device ID 19.
+    Vsock,
+    /// virtio-fs, device ID 26.
+    Fs,
+}
+
+impl DeviceKind {
+    /// The virtio device ID (virtio 1.2 spec, section 5).
+    pub fn virtio_id(self) -> u32 {
+        match self {
+            DeviceKind::Net => 1,
+            DeviceKind::Blk => 2,
+            DeviceKind::Console => 3,
+            DeviceKind::Rng => 4,
+            DeviceKind::Vsock => 19,
+            DeviceKind::Fs => 26,
+        }
+    }
+
+    /// The name used in specs and the API.
+    pub fn name(self) -> &'static str {
+        match self {
+            DeviceKind::Net => "net",
+            DeviceKind::Blk => "blk",
+            DeviceKind::Console => "console",
+            DeviceKind::Rng => "rng",
+            DeviceKind::Vsock => "vsock",
+            DeviceKind::Fs => "fs",
+        }
+    }
+}
+
+impl fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One `[[device]]` table: a virtio device whose backend is a vhost-user process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSpec {
+    /// Unique among the VM's devices.
+    pub id: String,
+    /// Which virtio device the backend implements.
+    pub kind: DeviceKind,
+    /// Spawn this backend; the core appends `--socket <path>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<Vec<String>>,
+    /// Attach to a backend already listening here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
+}
+
+/// How the core reaches a device's backend, after validation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendSource {
+    /// Spawned by the core: program and arguments (without `--socket`).
+    Exec(Vec<String>),
+    /// An existing listener's socket path.
+    Socket(PathBuf),
+}
+
+/// The guest kernel, after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelSource {
+    /// The probe guest embedded in `plexvm`.
+    Probe,
+    /// A kernel image file (absolute path; known to exist when the spec was checked).
+    File(PathBuf),
+}
+
+/// A device after validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// Unique id.
+    pub id: String,
+    /// Virtio device kind.
+    pub kind: DeviceKind,
+    /// Where its backend comes from.
+    pub backend: BackendSource,
+}
+
+/// A checked spec with paths resolved: what the core runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfigResolved {
+    /// VM name.
+    pub name: String,
+    /// vCPU count, 1..=32.
+    pub vcpus: u8,
+    /// Guest RAM in MiB, > 0.
+    pub memory_mib: u64,
+    /// Guest kernel.
+    pub kernel: KernelSource,
+    /// The user's command line (the core appends to it).
+    pub cmdline: String,
+    /// Serial sink with an absolute path for `file:`.
+    pub serial: SerialSink,
+    /// Absolute control-API socket path.
+    pub api_socket: Option<PathBuf>,
+    /// Devices in guest order.
+    pub devices: Vec<DeviceConfig>,
+    /// Folder relative paths were resolved against; backends run with it as cwd.
+    pub base_dir: PathBuf,
+}
+
+/// A spec that cannot be used. `Display` is one line naming the field.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpecError {
+    /// The file could not be read.
+    #[error("{path}: cannot read spec: {reason}")]
+    Read {
+        /// Spec path.
+        path: PathBuf,
+        /// OS error text.
+        reason: String,
+    },
+    /// TOML syntax or type error, unknown key, missing key.
+    #[error("{location}: {message}")]
+    Parse {
+        /// `file:line:column`.
+        location: String,
+        /// What the parser said, first line only.
+        message: String,
+    },
+    /// A field has a value that is not allowed.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// Dotted field name, e.g. `vm.vcpus` or `device[1].id`.
+        field: String,
+        /// Why.
+        message: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> SpecError {
+    SpecError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+impl VmSpec {
+    /// Parses spec text. `origin` names the file in error messages.
+    pub fn parse(text: &str, origin: &str) -> Result<VmSpec, SpecError> {
+        toml::from_str(text).map_err(|e| {
+            let location = match e.span() {
+                Some(span) => {
+                    let before = &text[..span.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                    format!("{origin}:{line}:{col}")
+                }
+                None => origin.to_string(),
+            };
+            let message = e
+                .message()
+                .lines()
+                .next()
+                .unwrap_or("invalid spec")
+                .to_string();
+            SpecError::Parse { location, message }
+        })
+    }
+
+    /// Reads, parses and validates a spec file.
+    pub fn load(path: &Path) -> Result<VmConfigResolved, SpecError> {
+        let text = std::fs::read_to_string(path).map_err(|e| SpecError::Read {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let spec = VmSpec::parse(&text, &path.display().to_string())?;
+        let base = path
+            .parent()
+            .map(|p| {
+                if p.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    p
+                }
+            })
+            .unwrap_or(Path::new("."));
+        let base = std::path::absolute(base).map_err(|e| SpecError::Read {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        spec.resolve(&base)
+    }
+
+    /// Validates the spec and resolves relative paths against `base_dir`.
+    pub fn resolve(self, base_dir: &Path) -> Result<VmConfigResolved, SpecError> {
+        let vm = self.vm;
+        if vm.name.is_empty() || !vm.name.chars().all(is_name_char) {
+            return Err(invalid(
+                "vm.name",
+                format!(
+                    "must be non-empty and use only letters, digits, '-', '_' and '.', got {:?}",
+                    vm.name
+                ),
+            ));
+        }
+        if vm.vcpus == 0 || vm.vcpus > MAX_VCPUS {
+            return Err(invalid(
+                "vm.vcpus",
+                format!("must be between 1 and {MAX_VCPUS}, got {}", vm.vcpus),
+            ));
+        }
+        if vm.memory_mib == 0 {
+            return Err(invalid("vm.memory_mib", "must be greater than 0"));
+        }
+        if vm.memory_mib > 1 << 20 {
+            return Err(invalid(
+                "vm.memory_mib",
+                format!("must be at most 1048576 (1 TiB), got {}", vm.memory_mib),
+            ));
+        }
+        let kernel = resolve_kernel(&vm.kernel, base_dir)?;
+        if vm.cmdline.contains('\0') || vm.cmdline.contains('\n') {
+            return Err(invalid(
+                "vm.cmdline",
+                "must not contain NUL or newline characters",
+            ));
+        }
+        let serial = match vm.serial {
+            SerialSink::File(p) => SerialSink::File(base_dir.join(p)),
+            other => other,
+        };
+        let api_socket = vm.api_socket.map(|p| base_dir.join(p));
+        let devices = resolve_devices(self.devices, base_dir)?;
+        Ok(VmConfigResolved {
+            name: vm.name,
+            vcpus: vm.vcpus,
+            memory_mib: vm.memory_mib,
+            kernel,
+            cmdline: vm.cmdline,
+            serial,
+            api_socket,
+            devices,
+            base_dir: base_dir.to_path_buf(),
+        })
+    }
+}
+
+fn is_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+}
+
+fn resolve_kernel(kernel: &str, base_dir: &Path) -> Result<KernelSource, SpecError> {
+    if kernel == PROBE_KERNEL {
+        return Ok(KernelSource::Probe);
+    }
+    if kernel.is_empty() {
+        return Err(invalid(
+            "vm.kernel",
+            "must be \"probe\" or a path to a kernel image",
+        ));
+    }
+    let path = base_dir.join(kernel);
+    match std::fs::metadata(&path) {
+        Ok(m) if m.is_file() => Ok(KernelSource::File(path)),
+        Ok(_) => Err(invalid(
+            "vm.kernel",
+            format!("{}: not a regular file", path.display()),
+        )),
+        Err(e) => Err(invalid("vm.kernel", format!("{}: {e}", path.display()))),
+    }
+}
+
+fn resolve_devices(
+    devices: Vec<DeviceSpec>,
+    base_dir: &Path,
+) -> Result<Vec<DeviceConfig>, SpecError> {
+    let mut out: Vec<DeviceConfig> = Vec::with_capacity(devices.len());
+    for (i, d) in devices.into_iter().enumerate() {
+        let field = |name: &str| format!("device[{i}].{name}");
+        if d.id.is_empty() || !d.id.chars().all(is_name_char) {
+            return Err(invalid(
+                field("id"),
+                format!(
+                    "must be non-empty and use only letters, digits, '-', '_' and '.', got {:?}",
+                    d.id
+                ),
+            ));
+        }
+        if out.iter().any(|o| o.id == d.id) {
+            return Err(invalid(
+                field("id"),
+                format!("duplicate device id {:?}", d.id),
+            ));
+        }
+        let backend = match (d.exec, d.socket) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    format!("device[{i}] ({})", d.id),
+                    "give either `exec` or `socket`, not both",
+                ))
+            }
+            (None, None) => {
+                return Err(invalid(
+                    format!("device[{i}] ({})", d.id),
+                    "needs `exec` (spawn a backend) or `socket` (attach to one)",
+                ))
+            }
+            (Some(argv), None) => {
+                if argv.first().is_none_or(|p| p.is_empty()) {
+                    return Err(invalid(field("exec"), "must name a program"));
+                }
+                BackendSource::Exec(argv)
+            }
+            (None, Some(sock)) => {
+                if sock.as_os_str().is_empty() {
+                    return Err(invalid(field("socket"), "must be a path"));
+                }
+                BackendSource::Socket(base_dir.join(sock))
+            }
+        };
+        out.push(DeviceConfig {
+            id: d.id,
+            kind: d.kind,
+            backend,
+        });
+    }
+    Ok(out)
+}
+
+/// Finds a backend program: a bare `plexvm-*` name is looked up next to the running
+/// `plexvm` binary (`exe_dir`) first, then on PATH; other bare names on PATH; a name with
+/// a `/` relative to `base_dir`.
+pub fn resolve_program(program: &str, exe_dir: Option<&Path>, base_dir: &Path) -> Option<PathBuf> {
+    if program.contains('/') {
+        let p = base_dir.join(program);
+        return is_executable(&p).then_some(p);
+    }
+    if program.starts_with("plexvm-") {
+        if let Some(dir) = exe_dir {
+            let p = dir.join(program);
+            if is_executable(&p) {
+                return Some(p);
+            }
+        }
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[vm]
+name = "demo"
+vcpus = 2
+memory_mib = 256
+kernel = "probe"
+cmdline = "probe.workload=blk-verify"
+serial = "file:serial.log"
+api_socket = "demo.api"
+
+[[device]]
+id = "disk0"
+kind = "blk"
+exec = ["plexvm-blk", "--image", "disk.raw"]
+
+[[device]]
+id = "disk1"
+kind = "blk"
+socket = "/run/x.sock"
+"#;
+
+    fn check(text: &str) -> Result<VmConfigResolved, SpecError> {
+        VmSpec::parse(text, "vm.toml")?.resolve(Path::new("/specs"))
+    }
+
+    fn err_of(text: &str) -> String {
+        let e = check(text)
+            .expect_err("spec should be rejected")
+            .to_string();
+        assert!(!e.contains('\n'), "error must be one line: {e:?}");
+        e
+    }
+
+    #[test]
+    fn good_spec_resolves_paths_against_its_folder() {
+        let c = check(GOOD).unwrap();
+        assert_eq!(c.vcpus, 2);
+        assert_eq!(c.kernel, KernelSource::Probe);
+        assert_eq!(c.serial, SerialSink::File("/specs/serial.log".into()));
+        assert_eq!(c.api_socket, Some("/specs/demo.api".into()));
+        assert_eq!(c.devices.len(), 2);
+        assert_eq!(
+            c.devices[0].backend,
+            BackendSource::Exec(vec![
+                "plexvm-blk".into(),
+                "--image".into(),
+                "disk.raw".into()
+            ])
+        );
+        assert_eq!(
+            c.devices[1].backend,
+            BackendSource::Socket("/run/x.sock".into())
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_the_key_and_line() {
+        let e = err_of("[vm]\nname=\"a\"\nmemory_mib=1\nkernel=\"probe\"\nfoo=1\n");
+        assert!(e.contains("unknown field `foo`"), "{e}");
+        assert!(e.starts_with("vm.toml:5:"), "{e}");
+    }
+
+    #[test]
+    fn missing_key_is_named() {
+        let e = err_of("[vm]\nname=\"a\"\nkernel=\"probe\"\n");
+        assert!(e.contains("memory_mib"), "{e}");
+    }
+
+    #[test]
+    fn zero_vcpus_and_memory_are_rejected() {
+        let e = err_of("[vm]\nname=\"a\"\nvcpus=0\nmemory_mib=1\nkernel=\"probe\"\n");
+        assert!(e.starts_with("vm.vcpus:"), "{e}");
+        let e = err_of("[vm]\nname=\"a\"\nvcpus=33\nmemory_mib=1\nkernel=\"probe\"\n");
+        assert!(e.starts_with("vm.vcpus:"), "{e}");
+        let e = err_of("[vm]\nname=\"a\"\nmemory_mib=0\nkernel=\"probe\"\n");
+        assert!(e.starts_with("vm.memory_mib:"), "{e}");
+    }
+
+    #[test]
+    fn negative_or_wrong_type_is_a_parse_error_naming_the_line() {
+        let e = err_of("[vm]\nname=\"a\"\nvcpus=-1\nmemory_mib=1\nkernel=\"probe\"\n");
+        assert!(e.starts_with("vm.toml:3:"), "{e}");
+        let e = err_of("[vm]\nname=\"a\"\nmemory_mib=\"lots\"\nkernel=\"probe\"\n");
+        assert!(e.starts_with("vm.toml:3:"), "{e}");
+    }
+
+    #[test]
+    fn missing_kernel_file_is_named() {
+        let e = err_of("[vm]\nname=\"a\"\nmemory_mib=1\nkernel=\"nope/vmlinux\"\n");
+        assert!(e.starts_with("vm.kernel: /specs/nope/vmlinux:"), "{e}");
+    }
+
+    #[test]
+    fn device_errors_name_the_device() {
+        let base = "[vm]\nname=\"a\"\nmemory_mib=1\nkernel=\"probe\"\n";
+        let dup = format!("{base}[[device]]\nid=\"d\"\nkind=\"blk\"\nsocket=\"s\"\n[[device]]\nid=\"d\"\nkind=\"blk\"\nsocket=\"t\"\n");
+        assert!(err_of(&dup).starts_with("device[1].id: duplicate"));
+        let both =
+            format!("{base}[[device]]\nid=\"d\"\nkind=\"blk\"\nsocket=\"s\"\nexec=[\"x\"]\n");
+        assert!(err_of(&both).contains("not both"));
+        let neither = format!("{base}[[device]]\nid=\"d\"\nkind=\"blk\"\n");
+        assert!(err_of(&neither).contains("needs `exec`"));
+        let empty = format!("{base}[[device]]\nid=\"d\"\nkind=\"blk\"\nexec=[]\n");
+        assert!(err_of(&empty).starts_with("device[0].exec:"));
+        let kind = format!("{base}[[device]]\nid=\"d\"\nkind=\"gpu\"\nexec=[\"x\"]\n");
+        assert!(err_of(&kind).contains("unknown variant `gpu`"));
+    }
+
+    #[test]
+    fn bad_serial_is_rejected() {
+        let e = err_of("[vm]\nname=\"a\"\nmemory_mib=1\nkernel=\"probe\"\nserial=\"tty\"\n");
+        assert!(e.contains("file:PATH"), "{e}");
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        for text in [
+            "",
+            "[",
+            "\u{0}",
+            "[vm]\nname=1",
+            "vm=3",
+            "[[device]]\n",
+            "[vm]\nname=\"\u{1f600}\"\nmemory_mib=1\nkernel=\"probe\"",
+        ] {
+            let _ = check(text);
+        }
+    }
+}
