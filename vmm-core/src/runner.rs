@@ -1,0 +1,428 @@
+//! Builds a VM from a checked spec and runs it until the guest ends it or it is stopped.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+
+use plexvm_protocol::api::{RequestedState, VmInfo, VmState};
+use plexvm_protocol::spec::{KernelSource, SerialSink, VmConfigResolved};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::boot::{self, BootError};
+use crate::devices::bus::Bus;
+use crate::devices::legacy::{self, ExitPort, ExitSender, GuestExit, IrqLine, SerialPort, I8042};
+use crate::devices::{MmioDevice, PioDevice};
+use crate::memory::{create_guest_memory, MemoryError};
+use crate::vcpu::{configure_vcpu, ExitHandlers, RunState, VcpuError, VcpuSet};
+use crate::vm::{Vm, VmError};
+
+/// Errors building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The kernel image could not be read.
+    #[error("vm.kernel: {path}: cannot read the kernel image")]
+    KernelFile {
+        /// Path from the spec.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel image is not one the core can boot.
+    #[error("vm.kernel: {path}: not a bootable kernel")]
+    KernelImage {
+        /// Path from the spec (or "probe").
+        path: PathBuf,
+        /// Loader error.
+        #[source]
+        source: BootError,
+    },
+    /// Boot structures could not be written.
+    #[error("cannot set up the boot structures")]
+    Boot(#[source] BootError),
+    /// Guest RAM could not be created.
+    #[error("cannot create guest memory")]
+    Memory(#[source] MemoryError),
+    /// The KVM VM could not be created.
+    #[error("cannot create the VM")]
+    Vm(#[source] VmError),
+    /// A vCPU could not be set up.
+    #[error("cannot set up the vCPUs")]
+    Vcpu(#[source] VcpuError),
+    /// A platform device could not be set up.
+    #[error("cannot set up {what}")]
+    Device {
+        /// Which device.
+        what: String,
+        /// Cause.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The serial output file could not be opened.
+    #[error("vm.serial: {path}: cannot open")]
+    SerialFile {
+        /// Path.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The runtime folder could not be created.
+    #[error("{path}: cannot create the VM's runtime folder")]
+    RuntimeDir {
+        /// Path.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl RunError {
+    /// Whether the error is about the user's input (spec, kernel file): exit code 2.
+    pub fn is_input_error(&self) -> bool {
+        matches!(self, RunError::KernelFile { .. } | RunError::KernelImage { .. } | RunError::SerialFile { .. })
+    }
+}
+
+/// Where serial output goes.
+pub enum SerialOut {
+    /// Standard output.
+    Stdout,
+    /// Discard.
+    Discard,
+    /// A file.
+    File(File),
+    /// Standard output, and a copy into a shared buffer (used by `demo`).
+    Tee(Arc<Mutex<Vec<u8>>>),
+}
+
+impl std::fmt::Debug for SerialOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SerialOut::Stdout => "Stdout",
+            SerialOut::Discard => "Discard",
+            SerialOut::File(_) => "File",
+            SerialOut::Tee(_) => "Tee",
+        })
+    }
+}
+
+impl SerialOut {
+    /// Opens the sink named in a spec.
+    pub fn from_spec(sink: &SerialSink) -> Result<SerialOut, RunError> {
+        Ok(match sink {
+            SerialSink::Stdout => SerialOut::Stdout,
+            SerialSink::None => SerialOut::Discard,
+            SerialSink::File(path) => SerialOut::File(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|source| RunError::SerialFile { path: path.clone(), source })?,
+            ),
+        })
+    }
+}
+
+impl Write for SerialOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            SerialOut::Stdout => std::io::stdout().write_all(buf)?,
+            SerialOut::Discard => {}
+            SerialOut::File(f) => f.write_all(buf)?,
+            SerialOut::Tee(copy) => {
+                copy.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+                std::io::stdout().write_all(buf)?;
+            }
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            SerialOut::Stdout | SerialOut::Tee(_) => std::io::stdout().flush(),
+            SerialOut::File(f) => f.flush(),
+            SerialOut::Discard => Ok(()),
+        }
+    }
+}
+
+/// How a VM run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOutcome {
+    /// What ended it.
+    pub exit: GuestExit,
+}
+
+impl RunOutcome {
+    /// The `plexvm` process exit code.
+    pub fn exit_code(&self) -> i32 {
+        self.exit.exit_code()
+    }
+}
+
+/// A runtime folder that is removed when the VM ends.
+#[derive(Debug)]
+struct RuntimeDir(PathBuf);
+
+impl RuntimeDir {
+    fn create(name: &str) -> Result<RuntimeDir, RunError> {
+        let xdg = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from);
+        // SAFETY: getuid has no preconditions and cannot fail.
+        let uid = unsafe { libc::getuid() };
+        let root = plexvm_protocol::paths::runtime_root(xdg.as_deref(), uid);
+        let dir = plexvm_protocol::paths::vm_runtime_dir(&root, name, std::process::id());
+        std::fs::create_dir_all(&dir).map_err(|source| RunError::RuntimeDir { path: dir.clone(), source })?;
+        Ok(RuntimeDir(dir))
+    }
+}
+
+impl Drop for RuntimeDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn device_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
+    let what = what.into();
+    move |e| RunError::Device {
+        what,
+        source: Box::new(e),
+    }
+}
+
+fn platform_devices(vm: &Vm, serial: SerialOut, exit: &Sender<GuestExit>) -> Result<Bus<dyn PioDevice>, RunError> {
+    let mut pio: Bus<dyn PioDevice> = Bus::new();
+    let com1_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("COM1"))?;
+    vm.fd()
+        .register_irqfd(&com1_irq, legacy::COM1_IRQ)
+        .map_err(|e| device_err("COM1")(std::io::Error::from_raw_os_error(e.errno())))?;
+    let com1: Arc<Mutex<dyn PioDevice>> = Arc::new(Mutex::new(SerialPort::new(IrqLine(com1_irq), serial)));
+    let i8042: Arc<Mutex<dyn PioDevice>> = Arc::new(Mutex::new(I8042::new(ExitSender(exit.clone()))));
+    let exit_port: Arc<Mutex<dyn PioDevice>> = Arc::new(Mutex::new(ExitPort(exit.clone())));
+    let insert = |bus: &mut Bus<dyn PioDevice>, base: u16, len: u64, dev, what: &str| {
+        bus.insert(u64::from(base), len, dev).map_err(|e| RunError::Device {
+            what: what.to_string(),
+            source: Box::new(e),
+        })
+    };
+    insert(&mut pio, legacy::COM1_BASE, 8, com1, "COM1")?;
+    insert(&mut pio, legacy::I8042_BASE, 5, i8042, "i8042")?;
+    insert(&mut pio, legacy::EXIT_PORT, 1, exit_port, "the exit port")?;
+    Ok(pio)
+}
+
+fn load_kernel(vm: &Vm, kernel: &KernelSource) -> Result<boot::EntryPoint, RunError> {
+    match kernel {
+        KernelSource::Probe => {
+            let mut image = std::io::Cursor::new(crate::probe::PROBE_ELF);
+            boot::load_elf(vm.memory(), &mut image).map_err(|source| RunError::KernelImage {
+                path: PathBuf::from("probe"),
+                source,
+            })
+        }
+        KernelSource::File(path) => {
+            let mut file = File::open(path).map_err(|source| RunError::KernelFile {
+                path: path.clone(),
+                source,
+            })?;
+            boot::load_elf(vm.memory(), &mut file).map_err(|source| RunError::KernelImage {
+                path: path.clone(),
+                source,
+            })
+        }
+    }
+}
+
+/// A VM that is set up and ready to start its vCPUs.
+#[derive(Debug)]
+pub struct PreparedVm {
+    config: VmConfigResolved,
+    vm: Vm,
+    vcpus: Vec<kvm_ioctls::VcpuFd>,
+    handlers: Arc<ExitHandlers>,
+    exits: Receiver<GuestExit>,
+    exit_tx: Sender<GuestExit>,
+    devices: crate::virtio_devices::VirtioDevices,
+    _runtime_dir: RuntimeDir,
+}
+
+/// Creates the VM, its devices and backends, and loads the kernel.
+pub fn prepare(config: VmConfigResolved, serial: SerialOut) -> Result<PreparedVm, RunError> {
+    let runtime_dir = RuntimeDir::create(&config.name)?;
+    let memory = create_guest_memory(config.memory_mib << 20).map_err(RunError::Memory)?;
+    let vm = Vm::new(memory).map_err(RunError::Vm)?;
+    let (exit_tx, exits) = channel();
+    let pio = platform_devices(&vm, serial, &exit_tx)?;
+    let mut mmio: Bus<dyn MmioDevice> = Bus::new();
+    let devices = crate::virtio_devices::VirtioDevices::create(&config, &vm, &runtime_dir.0, &mut mmio).map_err(|e| {
+        RunError::Device {
+            what: "virtio devices".into(),
+            source: Box::new(e),
+        }
+    })?;
+    let entry = load_kernel(&vm, &config.kernel)?;
+    let cmdline = boot::build_cmdline(&config.cmdline, &devices.cmdline_entries()).map_err(RunError::Boot)?;
+    boot::write_boot_structures(vm.memory(), &cmdline).map_err(RunError::Boot)?;
+    let cpuid = vm.supported_cpuid().map_err(RunError::Vm)?;
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for i in 0..config.vcpus {
+        let vcpu = vm.fd().create_vcpu(u64::from(i)).map_err(|source| {
+            RunError::Vcpu(VcpuError::Kvm {
+                index: i,
+                what: "KVM_CREATE_VCPU",
+                source,
+            })
+        })?;
+        configure_vcpu(&vcpu, i, config.vcpus, &cpuid, entry).map_err(RunError::Vcpu)?;
+        vcpus.push(vcpu);
+    }
+    let handlers = Arc::new(ExitHandlers {
+        pio,
+        mmio,
+        exit: exit_tx.clone(),
+    });
+    Ok(PreparedVm {
+        config,
+        vm,
+        vcpus,
+        handlers,
+        exits,
+        exit_tx,
+        devices,
+        _runtime_dir: runtime_dir,
+    })
+}
+
+/// The running VM as the control API sees it.
+#[derive(Debug)]
+struct Controller {
+    name: String,
+    vcpu_count: u8,
+    memory_mib: u64,
+    vcpus: Arc<VcpuSet>,
+    stopped: Mutex<bool>,
+    exit: Sender<GuestExit>,
+    devices: Arc<crate::virtio_devices::VirtioDevices>,
+}
+
+impl Controller {
+    fn state(&self) -> VmState {
+        if *self.stopped.lock().unwrap_or_else(|e| e.into_inner()) {
+            return VmState::Stopped;
+        }
+        match self.vcpus.control().requested() {
+            RunState::Running => VmState::Running,
+            RunState::Paused => VmState::Paused,
+            RunState::Exited => VmState::Stopped,
+        }
+    }
+}
+
+impl crate::api::VmController for Controller {
+    fn info(&self) -> VmInfo {
+        VmInfo {
+            name: self.name.clone(),
+            state: self.state(),
+            vcpus: self.vcpu_count,
+            memory_mib: self.memory_mib,
+            pid: std::process::id(),
+            devices: self.devices.info(),
+        }
+    }
+
+    fn set_state(&self, requested: RequestedState) -> Result<VmInfo, crate::api::ControlError> {
+        let current = self.state();
+        match (current, requested) {
+            (VmState::Stopped, _) => return Err(crate::api::ControlError::Conflict("the VM has stopped".into())),
+            (VmState::Running, RequestedState::Paused) => self.vcpus.set_state(RunState::Paused),
+            (VmState::Paused, RequestedState::Running) => self.vcpus.set_state(RunState::Running),
+            (_, RequestedState::Stopped) => {
+                *self.stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
+                let _ = self.exit.send(GuestExit::Stopped);
+            }
+            (state, wanted) => {
+                return Err(crate::api::ControlError::Conflict(
+                    format!("cannot go from {state:?} to {wanted:?}").to_lowercase(),
+                ))
+            }
+        }
+        Ok(self.info())
+    }
+}
+
+impl PreparedVm {
+    /// Starts the vCPUs and waits until the guest ends or the VM is stopped.
+    pub fn run(self) -> Result<RunOutcome, RunError> {
+        let PreparedVm {
+            config,
+            vm,
+            vcpus,
+            handlers,
+            exits,
+            exit_tx,
+            devices,
+            _runtime_dir,
+        } = self;
+        let devices = Arc::new(devices);
+        let events = devices.start_event_loop().map_err(|e| RunError::Device {
+            what: "the device event loop".into(),
+            source: Box::new(e),
+        })?;
+        let signals = watch_signals(exit_tx.clone());
+        let vcpus = Arc::new(VcpuSet::start(vcpus, handlers).map_err(RunError::Vcpu)?);
+        let controller = Arc::new(Controller {
+            name: config.name.clone(),
+            vcpu_count: config.vcpus,
+            memory_mib: config.memory_mib,
+            vcpus: vcpus.clone(),
+            stopped: Mutex::new(false),
+            exit: exit_tx,
+            devices: devices.clone(),
+        });
+        let api = match &config.api_socket {
+            Some(path) => Some(crate::api::server::ApiServer::start(path, controller.clone()).map_err(|e| {
+                vcpus.stop();
+                RunError::Device {
+                    what: format!("the control API on {}", path.display()),
+                    source: Box::new(e),
+                }
+            })?),
+            None => None,
+        };
+        let exit = exits.recv().unwrap_or(GuestExit::Error("all vCPU threads are gone".into()));
+        *controller.stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        vcpus.stop();
+        drop(api);
+        drop(events);
+        if let Some(s) = signals {
+            s.close();
+        }
+        drop(vm);
+        Ok(RunOutcome { exit })
+    }
+}
+
+/// Turns SIGTERM/SIGINT/SIGHUP into a clean stop (backends are killed, sockets removed).
+fn watch_signals(exit: Sender<GuestExit>) -> Option<signal_hook::iterator::Handle> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]).ok()?;
+    let handle = signals.handle();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if signals.forever().next().is_some() {
+                let _ = exit.send(GuestExit::Stopped);
+            }
+        })
+        .ok()?;
+    Some(handle)
+}
+
+/// Builds and runs a VM.
+pub fn run(config: VmConfigResolved, serial: SerialOut) -> Result<RunOutcome, RunError> {
+    prepare(config, serial)?.run()
+}
