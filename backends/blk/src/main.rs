@@ -1,1 +1,55 @@
-fn main() {}
+//! `plexvm-blk`: flags → [`plexvm_blk::BlockConfig`] → [`plexvm_blk::run`] → exit code.
+
+use std::process::ExitCode;
+
+use clap::error::ErrorKind;
+use clap::Parser;
+use plexvm_blk::{Args, BlockConfig};
+
+/// Exit status for unusable flags (as clap and most tools use).
+const USAGE_ERROR: u8 = 2;
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
+            e.exit()
+        }
+        Err(e) => {
+            // One line, not clap's multi-line usage block.
+            let rendered = e.render().to_string();
+            let message: Vec<&str> = rendered
+                .lines()
+                .take_while(|line| !line.trim().is_empty())
+                .map(str::trim)
+                .collect();
+            eprintln!(
+                "plexvm-blk: {}",
+                message.join(" ").trim_start_matches("error: ")
+            );
+            return ExitCode::from(USAGE_ERROR);
+        }
+    };
+    let config = match BlockConfig::try_from(args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("plexvm-blk: {e}");
+            return ExitCode::from(USAGE_ERROR);
+        }
+    };
+    match plexvm_blk::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The error and its causes on one line.
+            eprintln!("plexvm-blk: {:#}", anyhow::Error::from(e));
+            ExitCode::FAILURE
+        }
+    }
+}

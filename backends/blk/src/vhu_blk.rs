@@ -1,0 +1,394 @@
+//! The vhost-user side of the device: features, config space and the queue workers.
+//!
+//! One [`VhostUserBlk`] exists per frontend connection (vhost-user-backend's handler
+//! refuses a second SET_OWNER, rust-vmm/vhost#321); the [`BlockDevice`] behind it lives
+//! as long as the process. Each queue gets its own worker thread (`queues_per_thread`
+//! holds one bit per thread).
+//!
+//! In-flight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) is not offered:
+//! vhost-user-backend 0.24 answers GET/SET_INFLIGHT_FD with an error, so supporting it
+//! means handling those two messages in front of its handler and recording each popped
+//! head in the shared region before `BlockDevice::process` and clearing it after
+//! `add_used` in [`VhostUserBlk::process_queue`].
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::disk::SECTOR_SIZE;
+use crate::request::{BlockDevice, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS};
+
+/// Guest memory as the vring workers see it.
+pub type GuestMemory = GuestMemoryAtomic<GuestMemoryMmap>;
+
+/// Length of the config space this device fills (`struct virtio_blk_config` up to and
+/// including `write_zeroes_may_unmap` and its padding, virtio 1.2, 5.2.4).
+pub const CONFIG_SPACE_LEN: usize = 60;
+
+/// Largest config space read answered (VHOST_USER_CONFIG_SIZE in the vhost-user spec).
+const MAX_CONFIG_READ: u32 = 256;
+
+/// Discard granularity advertised to the guest, in sectors (4 KiB: a file-system block,
+/// so punched holes free whole blocks).
+pub const DISCARD_SECTOR_ALIGNMENT: u32 = 8;
+
+/// Errors creating the per-connection backend.
+#[derive(Debug, thiserror::Error)]
+pub enum VhostUserBlkError {
+    /// The eventfd that stops a queue worker cannot be created.
+    #[error("cannot create a worker exit eventfd")]
+    ExitEvent(#[source] io::Error),
+}
+
+/// Queue geometry of the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLayout {
+    /// Number of queues.
+    pub queues: u16,
+    /// Maximum size of each queue.
+    pub queue_size: u16,
+}
+
+/// Exit eventfd pair of one worker thread, handed out once to vhost-user-backend.
+type ExitEvent = Option<(EventConsumer, EventNotifier)>;
+
+/// The `VhostUserBackend` of one connection.
+#[derive(Debug)]
+pub struct VhostUserBlk {
+    device: Arc<BlockDevice>,
+    layout: QueueLayout,
+    mem: GuestMemory,
+    event_idx: AtomicBool,
+    ring_errors: AtomicU64,
+    exit_events: Vec<Mutex<ExitEvent>>,
+    leaked_exit_fds: Mutex<Vec<RawFd>>,
+}
+
+impl VhostUserBlk {
+    /// Creates the backend for one connection, with empty guest memory.
+    pub fn new(device: Arc<BlockDevice>, layout: QueueLayout) -> Result<Self, VhostUserBlkError> {
+        let mut exit_events = Vec::with_capacity(usize::from(layout.queues));
+        for _ in 0..layout.queues {
+            let pair = new_event_consumer_and_notifier(EventFlag::CLOEXEC)
+                .map_err(VhostUserBlkError::ExitEvent)?;
+            exit_events.push(Mutex::new(Some(pair)));
+        }
+        Ok(VhostUserBlk {
+            device,
+            layout,
+            mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            event_idx: AtomicBool::new(false),
+            ring_errors: AtomicU64::new(0),
+            exit_events,
+            leaked_exit_fds: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The guest memory object to hand to `VhostUserDaemon::new` (the vrings and this
+    /// backend must share it).
+    pub fn memory(&self) -> GuestMemory {
+        self.mem.clone()
+    }
+
+    /// Closes the exit eventfds vhost-user-backend took with `into_raw_fd` and never
+    /// closes (one per worker per connection would otherwise leak).
+    ///
+    /// # Safety
+    ///
+    /// Call only after the `VhostUserDaemon` built on this backend has been dropped:
+    /// dropping it joins the worker threads, the only users of these descriptors.
+    pub unsafe fn close_exit_fds(&self) {
+        let fds = std::mem::take(
+            &mut *self
+                .leaked_exit_fds
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for fd in fds {
+            // SAFETY: the caller guarantees the workers are gone; vhost-user-backend
+            // converted these descriptors with `into_raw_fd` and never closes them, so
+            // this is the one owner.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+
+    /// Serves every available request of `vring`, then notifies the driver if it wants.
+    fn process_queue(&self, vring: &VringRwLock<GuestMemory>) {
+        let mem = self.mem.memory();
+        let mut used_any = false;
+        loop {
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(mem.clone());
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let completion = self.device.process(&mem, chain);
+            if let Err(e) = vring.add_used(head, completion.used_len) {
+                // A used ring outside guest memory: the guest's fault, so rate-limited.
+                let count = self.ring_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                if count.is_power_of_two() {
+                    tracing::warn!(count, "cannot put used element {head}: {e}");
+                }
+                break;
+            }
+            used_any = true;
+        }
+        if !used_any {
+            return;
+        }
+        match vring.needs_notification() {
+            Ok(true) => {
+                if let Err(e) = vring.signal_used_queue() {
+                    tracing::warn!("cannot signal used queue: {e}");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!("cannot read used_event: {e}"),
+        }
+    }
+
+    /// The `struct virtio_blk_config` bytes (little-endian, virtio 1.2, 5.2.4).
+    pub fn config_space(&self) -> [u8; CONFIG_SPACE_LEN] {
+        let mut cfg = [0u8; CONFIG_SPACE_LEN];
+        let mut put = |offset: usize, bytes: &[u8]| {
+            cfg[offset..offset + bytes.len()].copy_from_slice(bytes);
+        };
+        put(0, &self.device.disk().capacity_sectors().to_le_bytes());
+        // seg_max: header and status take one descriptor each.
+        put(
+            12,
+            &u32::from(self.layout.queue_size.saturating_sub(2).max(1)).to_le_bytes(),
+        );
+        put(20, &(SECTOR_SIZE as u32).to_le_bytes());
+        put(34, &self.layout.queues.to_le_bytes());
+        put(36, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(40, &MAX_DISCARD_SEGMENTS.to_le_bytes());
+        put(44, &DISCARD_SECTOR_ALIGNMENT.to_le_bytes());
+        put(48, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(52, &MAX_DISCARD_SEGMENTS.to_le_bytes());
+        put(56, &[1]); // write_zeroes_may_unmap
+        cfg
+    }
+}
+
+impl VhostUserBackend for VhostUserBlk {
+    type Bitmap = ();
+    type Vring = VringRwLock<GuestMemory>;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.layout.queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.layout.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        let mut features = 1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | 1 << VIRTIO_RING_F_INDIRECT_DESC
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_DISCARD
+            | 1 << VIRTIO_BLK_F_WRITE_ZEROES
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.layout.queues > 1 {
+            features |= 1 << VIRTIO_BLK_F_MQ;
+        }
+        if self.device.disk().is_read_only() {
+            features |= 1 << VIRTIO_BLK_F_RO;
+        }
+        features
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // The reply must be exactly `size` bytes; what lies beyond our fields reads 0.
+        // vhost already bounds offset + size by the 256-byte vhost-user config limit;
+        // bound the allocation here too rather than trust every caller.
+        let mut out = vec![0u8; size.min(MAX_CONFIG_READ) as usize];
+        let cfg = self.config_space();
+        if let Some(tail) = cfg.get(offset as usize..) {
+            let count = tail.len().min(out.len());
+            out[..count].copy_from_slice(&tail[..count]);
+        }
+        out
+    }
+
+    fn set_config(&self, _offset: u32, _buf: &[u8]) -> io::Result<()> {
+        // Only `writeback` is writable, and only with CONFIG_WCE, which is not offered.
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "config space is read-only",
+        ))
+    }
+
+    fn update_memory(&self, _mem: GuestMemory) -> io::Result<()> {
+        // The handler updates the atomic we handed it in `memory()`, which is ours.
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        // One worker per queue: entry i is the bitmask of thread i's queues.
+        (0..self.layout.queues).map(|q| 1u64 << q).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let pair = self
+            .exit_events
+            .get(thread_index)?
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()?;
+        self.leaked_exit_fds
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(pair.0.as_raw_fd());
+        Some(pair)
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Self::Vring],
+        _thread_id: usize,
+    ) -> io::Result<()> {
+        // An error here would end the worker thread for good, so nothing the guest can
+        // cause is returned as one.
+        if evset != EventSet::IN {
+            tracing::warn!("unexpected event set {evset:?} on queue event {device_event}");
+            return Ok(());
+        }
+        let Some(vring) = vrings.get(usize::from(device_event)) else {
+            tracing::warn!("event for unknown queue {device_event}");
+            return Ok(());
+        };
+        if !self.event_idx.load(Ordering::Acquire) {
+            self.process_queue(vring);
+            return Ok(());
+        }
+        // EVENT_IDX (virtio 1.2, 2.7.10): with notifications off, drain; turn them back
+        // on and drain again if the driver added buffers meanwhile.
+        loop {
+            if let Err(e) = vring.disable_notification() {
+                tracing::warn!("cannot disable queue notifications: {e}");
+            }
+            self.process_queue(vring);
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    tracing::warn!("cannot enable queue notifications: {e}");
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::{Disk, DiskOptions};
+
+    fn backend(queues: u16, readonly: bool) -> VhostUserBlk {
+        let image = tempfile::NamedTempFile::new().unwrap();
+        image.as_file().set_len(1 << 20).unwrap();
+        let disk = Disk::open(
+            image.path(),
+            DiskOptions {
+                readonly,
+                direct: false,
+            },
+        )
+        .unwrap();
+        let device = Arc::new(BlockDevice::new(disk, [0; 20]));
+        VhostUserBlk::new(
+            device,
+            QueueLayout {
+                queues,
+                queue_size: 128,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn features_follow_options() {
+        let single = backend(1, false).features();
+        assert_ne!(single & 1 << VIRTIO_F_VERSION_1, 0);
+        assert_ne!(single & 1 << VIRTIO_RING_F_EVENT_IDX, 0);
+        assert_ne!(
+            single & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits(),
+            0
+        );
+        assert_eq!(single & 1 << VIRTIO_BLK_F_MQ, 0);
+        assert_eq!(single & 1 << VIRTIO_BLK_F_RO, 0);
+        let multi_ro = backend(4, true).features();
+        assert_ne!(multi_ro & 1 << VIRTIO_BLK_F_MQ, 0);
+        assert_ne!(multi_ro & 1 << VIRTIO_BLK_F_RO, 0);
+    }
+
+    #[test]
+    fn config_space_fields() {
+        let b = backend(4, false);
+        let cfg = b.get_config(0, CONFIG_SPACE_LEN as u32);
+        assert_eq!(u64::from_le_bytes(cfg[0..8].try_into().unwrap()), 2048);
+        assert_eq!(u32::from_le_bytes(cfg[12..16].try_into().unwrap()), 126);
+        assert_eq!(u32::from_le_bytes(cfg[20..24].try_into().unwrap()), 512);
+        assert_eq!(u16::from_le_bytes(cfg[34..36].try_into().unwrap()), 4);
+        assert_eq!(
+            u32::from_le_bytes(cfg[40..44].try_into().unwrap()),
+            MAX_DISCARD_SEGMENTS
+        );
+        assert_eq!(cfg[56], 1);
+        // Partial and out-of-range reads have the requested size.
+        assert_eq!(b.get_config(34, 2), vec![4, 0]);
+        assert_eq!(b.get_config(56, 8), vec![1, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(b.get_config(200, 4), vec![0; 4]);
+    }
+
+    #[test]
+    fn one_thread_per_queue() {
+        assert_eq!(backend(3, false).queues_per_thread(), vec![1, 2, 4]);
+    }
+
+    #[test]
+    fn exit_events_are_handed_out_once() {
+        let b = backend(2, false);
+        assert!(b.exit_event(0).is_some());
+        assert!(b.exit_event(0).is_none());
+        assert!(b.exit_event(1).is_some());
+        assert!(b.exit_event(2).is_none());
+    }
+}
