@@ -1,0 +1,52 @@
+//! Control API: HTTP/1.1 + JSON on the VM's Unix socket (the spec's `api_socket`).
+//!
+//! The server ([`ApiServer`]) runs on its own thread and talks to the VM only through
+//! the [`VmController`] trait, so a slow or broken client can never block a vCPU.
+//! The messages are the types in [`plexvm_protocol::api`]; the endpoints and schemas are
+//! described in `vmm-core/api/openapi.yaml`, which `tests/api_openapi.rs` keeps in step
+//! with [`endpoints`] and those types.
+//!
+//! ```text
+//! GET /vm                 -> 200 VmInfo
+//! PUT /vm/state {"state"} -> 200 VmInfo | 400 | 409 ApiError
+//! ```
+//!
+//! The client side ([`ApiClient`], and `plexvm ctl` through [`CtlArgs`] / [`run_ctl`])
+//! speaks the same plain HTTP/1.1 over a `UnixStream`.
+
+pub mod client;
+mod http;
+mod router;
+pub mod server;
+
+use plexvm_protocol::api::{RequestedState, VmInfo};
+
+pub use client::{run_ctl, ApiClient, ClientError, CtlArgs, CtlCommand};
+pub use http::HttpError;
+pub use router::endpoints;
+pub use server::{ApiServer, ApiServerHandle, ServerError};
+
+/// What the API server needs from the VM. The core's VM implements it; the server calls
+/// it from the API thread, so implementations must not wait on that thread.
+pub trait VmController: Send + Sync {
+    /// A snapshot of the VM for `GET /vm`.
+    fn info(&self) -> VmInfo;
+
+    /// Moves the VM to `requested` (`PUT /vm/state`) and returns the VM as it is then.
+    /// The controller decides which transitions are allowed. For `Stopped` it should
+    /// start the stop and return, so that the client gets its answer before the
+    /// process exits.
+    fn set_state(&self, requested: RequestedState) -> Result<VmInfo, ControlError>;
+}
+
+/// Why a [`VmController`] refused or failed a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// The request is valid but not allowed in the VM's current state (HTTP 409),
+    /// e.g. resuming a VM that is not paused.
+    #[error("{0}")]
+    Conflict(String),
+    /// The VM failed to carry out the request (HTTP 500).
+    #[error("{0}")]
+    Internal(String),
+}
