@@ -46,6 +46,12 @@ pub struct VmConfig {
     /// Control-API socket path.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_socket: Option<PathBuf>,
+    /// An initramfs to load for a Linux kernel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    /// CPU features to hide from the guest's CPUID, e.g. `["cx16"]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpuid_mask: Vec<String>,
 }
 
 fn default_vcpus() -> u8 {
@@ -217,6 +223,10 @@ pub struct VmConfigResolved {
     pub serial: SerialSink,
     /// Absolute control-API socket path.
     pub api_socket: Option<PathBuf>,
+    /// Absolute initramfs path (known to exist when the spec was checked).
+    pub initrd: Option<PathBuf>,
+    /// CPUID feature bits to clear.
+    pub cpuid_mask: Vec<CpuFeature>,
     /// Devices in guest order.
     pub devices: Vec<DeviceConfig>,
     /// Folder relative paths were resolved against; backends run with it as cwd.
@@ -345,6 +355,25 @@ impl VmSpec {
             other => other,
         };
         let api_socket = vm.api_socket.map(|p| base_dir.join(p));
+        let initrd = match vm.initrd {
+            Some(p) => Some(existing_file("vm.initrd", base_dir.join(p))?),
+            None => None,
+        };
+        let cpuid_mask = vm
+            .cpuid_mask
+            .iter()
+            .map(|name| {
+                CpuFeature::from_name(name).ok_or_else(|| {
+                    invalid(
+                        "vm.cpuid_mask",
+                        format!(
+                            "unknown CPU feature {name:?}; known: {}",
+                            CpuFeature::names().join(", ")
+                        ),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let devices = resolve_devices(self.devices, base_dir)?;
         Ok(VmConfigResolved {
             name: vm.name,
@@ -354,6 +383,8 @@ impl VmSpec {
             cmdline: vm.cmdline,
             serial,
             api_socket,
+            initrd,
+            cpuid_mask,
             devices,
             base_dir: base_dir.to_path_buf(),
         })
@@ -374,14 +405,85 @@ fn resolve_kernel(kernel: &str, base_dir: &Path) -> Result<KernelSource, SpecErr
             "must be \"probe\" or a path to a kernel image",
         ));
     }
-    let path = base_dir.join(kernel);
+    existing_file("vm.kernel", base_dir.join(kernel)).map(KernelSource::File)
+}
+
+fn existing_file(field: &str, path: PathBuf) -> Result<PathBuf, SpecError> {
     match std::fs::metadata(&path) {
-        Ok(m) if m.is_file() => Ok(KernelSource::File(path)),
+        Ok(m) if m.is_file() => Ok(path),
         Ok(_) => Err(invalid(
-            "vm.kernel",
+            field,
             format!("{}: not a regular file", path.display()),
         )),
-        Err(e) => Err(invalid("vm.kernel", format!("{}: {e}", path.display()))),
+        Err(e) => Err(invalid(field, format!("{}: {e}", path.display()))),
+    }
+}
+
+/// A CPUID register.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuidReg {
+    /// EBX.
+    Ebx,
+    /// ECX.
+    Ecx,
+    /// EDX.
+    Edx,
+}
+
+/// A CPU feature a spec may hide with `cpuid_mask` (Intel SDM vol. 2A, CPUID).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuFeature {
+    /// Name as written in specs (Linux /proc/cpuinfo spelling).
+    pub name: &'static str,
+    /// CPUID leaf (EAX input); subleaf 0.
+    pub leaf: u32,
+    /// Output register.
+    pub reg: CpuidReg,
+    /// Bit in that register.
+    pub bit: u8,
+}
+
+const fn feature(name: &'static str, leaf: u32, reg: CpuidReg, bit: u8) -> CpuFeature {
+    CpuFeature {
+        name,
+        leaf,
+        reg,
+        bit,
+    }
+}
+
+/// Features `cpuid_mask` knows. `cx16` is the one these machines' nested KVM needs
+/// masked: `lock cmpxchg16b` at CPL0 cannot be emulated there (DESIGN.md).
+const CPU_FEATURES: &[CpuFeature] = &[
+    feature("cx16", 1, CpuidReg::Ecx, 13),
+    feature("pcid", 1, CpuidReg::Ecx, 17),
+    feature("x2apic", 1, CpuidReg::Ecx, 21),
+    feature("movbe", 1, CpuidReg::Ecx, 22),
+    feature("xsave", 1, CpuidReg::Ecx, 26),
+    feature("avx", 1, CpuidReg::Ecx, 28),
+    feature("rdrand", 1, CpuidReg::Ecx, 30),
+    feature("fsgsbase", 7, CpuidReg::Ebx, 0),
+    feature("avx2", 7, CpuidReg::Ebx, 5),
+    feature("smep", 7, CpuidReg::Ebx, 7),
+    feature("invpcid", 7, CpuidReg::Ebx, 10),
+    feature("avx512f", 7, CpuidReg::Ebx, 16),
+    feature("rdseed", 7, CpuidReg::Ebx, 18),
+    feature("smap", 7, CpuidReg::Ebx, 20),
+    feature("pku", 7, CpuidReg::Ecx, 3),
+    feature("la57", 7, CpuidReg::Ecx, 16),
+    feature("pdpe1gb", 0x8000_0001, CpuidReg::Edx, 26),
+    feature("rdtscp", 0x8000_0001, CpuidReg::Edx, 27),
+];
+
+impl CpuFeature {
+    /// Looks a feature up by name.
+    pub fn from_name(name: &str) -> Option<CpuFeature> {
+        CPU_FEATURES.iter().copied().find(|f| f.name == name)
+    }
+
+    /// All known names.
+    pub fn names() -> Vec<&'static str> {
+        CPU_FEATURES.iter().map(|f| f.name).collect()
     }
 }
 
@@ -579,6 +681,24 @@ socket = "/run/x.sock"
         assert!(err_of(&empty).starts_with("device[0].exec:"));
         let kind = format!("{base}[[device]]\nid=\"d\"\nkind=\"gpu\"\nexec=[\"x\"]\n");
         assert!(err_of(&kind).contains("unknown variant `gpu`"));
+    }
+
+    #[test]
+    fn cpuid_mask_names_are_checked() {
+        let c = check("[vm]\nname=\"a\"\nmemory_mib=1\nkernel=\"probe\"\ncpuid_mask=[\"cx16\"]\n")
+            .unwrap();
+        assert_eq!(c.cpuid_mask, vec![CpuFeature::from_name("cx16").unwrap()]);
+        let e = err_of("[vm]\nname=\"a\"\nmemory_mib=1\nkernel=\"probe\"\ncpuid_mask=[\"warp\"]\n");
+        assert!(
+            e.starts_with("vm.cpuid_mask: unknown CPU feature \"warp\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn missing_initrd_is_named() {
+        let e = err_of("[vm]\nname=\"a\"\nmemory_mib=1\nkernel=\"probe\"\ninitrd=\"initrd.img\"\n");
+        assert!(e.starts_with("vm.initrd: /specs/initrd.img:"), "{e}");
     }
 
     #[test]

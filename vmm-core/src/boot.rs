@@ -6,9 +6,9 @@
 use std::io::{Read, Seek};
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
-use linux_loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::bootparam::{boot_e820_entry, boot_params, setup_header};
 use linux_loader::cmdline::Cmdline;
-use linux_loader::loader::{load_cmdline, Elf, KernelLoader};
+use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, ReadVolatile};
 
 use crate::memory::GuestMemory;
@@ -67,19 +67,144 @@ pub enum BootError {
     /// The kernel loaded outside RAM or overlapping the core's boot structures.
     #[error("the kernel does not fit in guest memory")]
     KernelPlacement,
+    /// The file is neither an ELF vmlinux nor a bzImage.
+    #[error("neither an ELF vmlinux nor a bzImage")]
+    UnknownFormat,
+    /// A bzImage without the 64-bit entry point (XLF_KERNEL_64).
+    #[error("the bzImage has no 64-bit entry point")]
+    NotKernel64,
+    /// Reading the image failed.
+    #[error("cannot read the image")]
+    Io(#[source] std::io::Error),
+    /// The initramfs does not fit below the kernel's limit.
+    #[error("the initramfs ({size} bytes) does not fit in guest memory below {limit:#x}")]
+    InitrdTooBig {
+        /// Initramfs size.
+        size: u64,
+        /// Highest address the kernel accepts.
+        limit: u64,
+    },
 }
 
 /// Where the loaded kernel starts executing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EntryPoint(pub GuestAddress);
 
+/// A kernel in guest memory.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadedKernel {
+    /// 64-bit entry point.
+    pub entry: EntryPoint,
+    /// First byte after the kernel.
+    pub end: u64,
+    /// The bzImage's setup header, which `boot_params` must carry.
+    pub setup_header: Option<setup_header>,
+}
+
+/// `xloadflags` bit: the kernel has the 64-bit entry point at load address + 0x200.
+const XLF_KERNEL_64: u16 = 1;
+/// Offset of the 64-bit entry point in a loaded bzImage (boot.rst, "64-bit boot protocol").
+const BZIMAGE_ENTRY_64: u64 = 0x200;
+/// Offset of the "HdrS" magic in a bzImage.
+const BZIMAGE_HDR_OFFSET: u64 = 0x202;
+/// The kernel's default `initrd_addr_max` for old headers.
+const DEFAULT_INITRD_ADDR_MAX: u64 = 0x37ff_ffff;
+
+/// Loads a kernel, telling an ELF vmlinux from a bzImage by its magic bytes.
+pub fn load_kernel<F: Read + ReadVolatile + Seek>(
+    mem: &GuestMemory,
+    image: &mut F,
+) -> Result<LoadedKernel, BootError> {
+    let mut magic = [0u8; 4];
+    image
+        .seek(std::io::SeekFrom::Start(0))
+        .map_err(BootError::Io)?;
+    let elf = image.read_exact(&mut magic).is_ok() && magic == *b"\x7fELF";
+    let mut hdrs = [0u8; 4];
+    image
+        .seek(std::io::SeekFrom::Start(BZIMAGE_HDR_OFFSET))
+        .map_err(BootError::Io)?;
+    let bzimage = image.read_exact(&mut hdrs).is_ok() && hdrs == *b"HdrS";
+    image
+        .seek(std::io::SeekFrom::Start(0))
+        .map_err(BootError::Io)?;
+    if elf {
+        let entry = load_elf(mem, image)?;
+        return Ok(LoadedKernel {
+            entry,
+            end: 0,
+            setup_header: None,
+        });
+    }
+    if !bzimage {
+        return Err(BootError::UnknownFormat);
+    }
+    let res = BzImage::load(mem, None, image, Some(GuestAddress(HIMEM_START)))
+        .map_err(BootError::Kernel)?;
+    let hdr = res.setup_header.ok_or(BootError::UnknownFormat)?;
+    if hdr.xloadflags & XLF_KERNEL_64 == 0 {
+        return Err(BootError::NotKernel64);
+    }
+    Ok(LoadedKernel {
+        entry: EntryPoint(GuestAddress(res.kernel_load.0 + BZIMAGE_ENTRY_64)),
+        end: res.kernel_end,
+        setup_header: Some(hdr),
+    })
+}
+
+/// Places an initramfs as high as the kernel allows (`initrd_addr_max`), page-aligned,
+/// and returns its (address, size).
+pub fn load_initrd<F: Read + ReadVolatile + Seek>(
+    mem: &GuestMemory,
+    kernel: &LoadedKernel,
+    image: &mut F,
+) -> Result<(u64, u64), BootError> {
+    let size = image
+        .seek(std::io::SeekFrom::End(0))
+        .map_err(BootError::Io)?;
+    image
+        .seek(std::io::SeekFrom::Start(0))
+        .map_err(BootError::Io)?;
+    let addr_max = kernel
+        .setup_header
+        .map(|h| u64::from(h.initrd_addr_max))
+        .filter(|m| *m != 0)
+        .unwrap_or(DEFAULT_INITRD_ADDR_MAX);
+    let low_ram_end = mem.iter().next().map_or(0, |r| r.start_addr().0 + r.len());
+    let limit = low_ram_end.min(addr_max.saturating_add(1));
+    let floor = kernel.end.max(HIMEM_START);
+    let addr = limit
+        .checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|a| *a >= floor);
+    let Some(addr) = addr else {
+        return Err(BootError::InitrdTooBig { size, limit });
+    };
+    let mut slice_left = size as usize;
+    let mut at = addr;
+    while slice_left > 0 {
+        let n = mem
+            .read_volatile_from(GuestAddress(at), image, slice_left)
+            .map_err(BootError::Memory)?;
+        if n == 0 {
+            return Err(BootError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        slice_left -= n;
+        at += n as u64;
+    }
+    Ok((addr, size))
+}
+
 /// Loads a 64-bit ELF kernel from `image` into `mem`.
 pub fn load_elf<F: Read + ReadVolatile + Seek>(
     mem: &GuestMemory,
     image: &mut F,
 ) -> Result<EntryPoint, BootError> {
-    let res = Elf::load(mem, None, image, Some(GuestAddress(HIMEM_START))).map_err(BootError::Kernel)?;
-    if res.kernel_load.0 < HIMEM_START || !mem.address_in_range(GuestAddress(res.kernel_end.saturating_sub(1))) {
+    let res =
+        Elf::load(mem, None, image, Some(GuestAddress(HIMEM_START))).map_err(BootError::Kernel)?;
+    if res.kernel_load.0 < HIMEM_START
+        || !mem.address_in_range(GuestAddress(res.kernel_end.saturating_sub(1)))
+    {
         return Err(BootError::KernelPlacement);
     }
     Ok(EntryPoint(res.kernel_load))
@@ -89,7 +214,9 @@ pub fn load_elf<F: Read + ReadVolatile + Seek>(
 pub fn build_cmdline(user: &str, extra: &[String]) -> Result<Cmdline, BootError> {
     let mut cmdline = Cmdline::new(CMDLINE_MAX).map_err(BootError::Cmdline)?;
     if !user.trim().is_empty() {
-        cmdline.insert_str(user.trim()).map_err(BootError::Cmdline)?;
+        cmdline
+            .insert_str(user.trim())
+            .map_err(BootError::Cmdline)?;
     }
     for e in extra {
         cmdline.insert_str(e).map_err(BootError::Cmdline)?;
@@ -98,35 +225,59 @@ pub fn build_cmdline(user: &str, extra: &[String]) -> Result<Cmdline, BootError>
 }
 
 /// Writes the command line, `boot_params`, the GDT and the page tables.
-pub fn write_boot_structures(mem: &GuestMemory, cmdline: &Cmdline) -> Result<(), BootError> {
+pub fn write_boot_structures(
+    mem: &GuestMemory,
+    cmdline: &Cmdline,
+    kernel: &LoadedKernel,
+    initrd: Option<(u64, u64)>,
+) -> Result<(), BootError> {
     load_cmdline(mem, GuestAddress(CMDLINE_ADDR), cmdline).map_err(|e| match e {
         linux_loader::loader::Error::CommandLineOverflow => BootError::KernelPlacement,
         other => BootError::Kernel(other),
     })?;
-    let cmdline_len = cmdline.as_cstring().map_err(BootError::Cmdline)?.as_bytes().len();
+    let cmdline_len = cmdline
+        .as_cstring()
+        .map_err(BootError::Cmdline)?
+        .as_bytes()
+        .len();
 
     let mut params = boot_params::default();
+    if let Some(hdr) = kernel.setup_header {
+        params.hdr = hdr;
+    }
+    if let Some((addr, size)) = initrd {
+        params.hdr.ramdisk_image = addr as u32;
+        params.hdr.ramdisk_size = size as u32;
+    }
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
     params.hdr.header = KERNEL_HDR_MAGIC;
     params.hdr.cmd_line_ptr = CMDLINE_ADDR as u32;
     params.hdr.cmdline_size = cmdline_len as u32;
-    params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
+    if params.hdr.kernel_alignment == 0 {
+        params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
+    }
     let e820 = e820_map(mem);
     params.e820_entries = e820.len() as u8;
     params.e820_table[..e820.len()].copy_from_slice(&e820);
-    mem.write_obj(params, GuestAddress(ZERO_PAGE_ADDR)).map_err(BootError::Memory)?;
+    mem.write_obj(params, GuestAddress(ZERO_PAGE_ADDR))
+        .map_err(BootError::Memory)?;
 
     let gdt: [u64; 4] = [0, 0, GDT_CODE64, GDT_DATA];
     for (i, entry) in gdt.iter().enumerate() {
-        mem.write_obj(*entry, GuestAddress(GDT_ADDR + 8 * i as u64)).map_err(BootError::Memory)?;
+        mem.write_obj(*entry, GuestAddress(GDT_ADDR + 8 * i as u64))
+            .map_err(BootError::Memory)?;
     }
     write_page_tables(mem)
 }
 
 /// The e820 map: low RAM below the EBDA, then RAM from 1 MiB (and above 4 GiB).
 fn e820_map(mem: &GuestMemory) -> Vec<boot_e820_entry> {
-    let entry = |addr: u64, size: u64| boot_e820_entry { addr, size, r#type: E820_RAM };
+    let entry = |addr: u64, size: u64| boot_e820_entry {
+        addr,
+        size,
+        r#type: E820_RAM,
+    };
     let mut map = vec![entry(0, EBDA_START)];
     for region in mem.iter() {
         let start = region.start_addr().0.max(HIMEM_START);
@@ -142,12 +293,15 @@ fn e820_map(mem: &GuestMemory) -> Vec<boot_e820_entry> {
 fn write_page_tables(mem: &GuestMemory) -> Result<(), BootError> {
     const PRESENT_RW: u64 = 0x3;
     const PAGE_SIZE_2M: u64 = 0x80;
-    mem.write_obj(PDPT_ADDR | PRESENT_RW, GuestAddress(PML4_ADDR)).map_err(BootError::Memory)?;
-    mem.write_obj(PD_ADDR | PRESENT_RW, GuestAddress(PDPT_ADDR)).map_err(BootError::Memory)?;
+    mem.write_obj(PDPT_ADDR | PRESENT_RW, GuestAddress(PML4_ADDR))
+        .map_err(BootError::Memory)?;
+    mem.write_obj(PD_ADDR | PRESENT_RW, GuestAddress(PDPT_ADDR))
+        .map_err(BootError::Memory)?;
     let pd: Vec<u8> = (0..512u64)
         .flat_map(|i| ((i << 21) | PRESENT_RW | PAGE_SIZE_2M).to_le_bytes())
         .collect();
-    mem.write_slice(&pd, GuestAddress(PD_ADDR)).map_err(BootError::Memory)
+    mem.write_slice(&pd, GuestAddress(PD_ADDR))
+        .map_err(BootError::Memory)
 }
 
 fn segment(selector: u16, code: bool) -> kvm_segment {
@@ -218,14 +372,31 @@ mod tests {
     #[test]
     fn boot_structures_describe_memory_and_cmdline() {
         let mem = create_guest_memory(64 << 20).unwrap();
-        let cmdline = build_cmdline("  probe.seed=3 ", &["virtio_mmio.device=4K@0xd0000000:5".into()]).unwrap();
-        write_boot_structures(&mem, &cmdline).unwrap();
+        let cmdline = build_cmdline(
+            "  probe.seed=3 ",
+            &["virtio_mmio.device=4K@0xd0000000:5".into()],
+        )
+        .unwrap();
+        let kernel = LoadedKernel {
+            entry: EntryPoint(GuestAddress(HIMEM_START)),
+            end: 2 << 20,
+            setup_header: None,
+        };
+        let initrd =
+            load_initrd(&mem, &kernel, &mut std::io::Cursor::new(vec![7u8; 5000])).unwrap();
+        assert_eq!(initrd, ((64 << 20) - 8192, 5000));
+        write_boot_structures(&mem, &cmdline, &kernel, Some(initrd)).unwrap();
         let params: boot_params = mem.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
         assert_eq!(params.e820_entries, 2);
+        assert_eq!(
+            ({ params.hdr.ramdisk_image }, { params.hdr.ramdisk_size }),
+            ((64 << 20) - 8192, 5000)
+        );
         let last = params.e820_table[1];
         assert_eq!({ last.addr } + { last.size }, 64 << 20);
         let mut buf = vec![0u8; params.hdr.cmdline_size as usize + 1];
-        mem.read_slice(&mut buf, GuestAddress(u64::from(params.hdr.cmd_line_ptr))).unwrap();
+        mem.read_slice(&mut buf, GuestAddress(u64::from(params.hdr.cmd_line_ptr)))
+            .unwrap();
         assert_eq!(&buf, b"probe.seed=3 virtio_mmio.device=4K@0xd0000000:5\0");
         let pde: u64 = mem.read_obj(GuestAddress(PD_ADDR + 8 * 511)).unwrap();
         assert_eq!(pde, (511 << 21) | 0x83);
@@ -238,8 +409,28 @@ mod tests {
     }
 
     #[test]
+    fn initrd_that_does_not_fit_is_an_error() {
+        let mem = create_guest_memory(4 << 20).unwrap();
+        let kernel = LoadedKernel {
+            entry: EntryPoint(GuestAddress(HIMEM_START)),
+            end: 3 << 20,
+            setup_header: None,
+        };
+        let err =
+            load_initrd(&mem, &kernel, &mut std::io::Cursor::new(vec![0u8; 2 << 20])).unwrap_err();
+        assert!(matches!(err, BootError::InitrdTooBig { .. }));
+    }
+
+    #[test]
     fn garbage_kernel_is_rejected() {
         let mem = create_guest_memory(16 << 20).unwrap();
+        assert!(matches!(
+            load_kernel(&mem, &mut std::io::Cursor::new(vec![0u8; 4096])),
+            Err(BootError::UnknownFormat)
+        ));
+        let mut fake_bz = vec![0u8; 4096];
+        fake_bz[0x202..0x206].copy_from_slice(b"HdrS");
+        assert!(load_kernel(&mem, &mut std::io::Cursor::new(fake_bz)).is_err());
         let mut img = std::io::Cursor::new(vec![0x7fu8, b'E', b'L', b'F', 1, 2, 3]);
         assert!(load_elf(&mem, &mut img).is_err());
         let mut img = std::io::Cursor::new(Vec::<u8>::new());

@@ -2,6 +2,7 @@
 //! hypervisor bit, and the hypervisor timing leaf (docs/platform.md, "CPUID").
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
+use plexvm_protocol::spec::{CpuFeature, CpuidReg};
 
 /// First hypervisor leaf.
 pub const HYPERVISOR_LEAF: u32 = 0x4000_0000;
@@ -10,10 +11,25 @@ pub const TIMING_LEAF: u32 = 0x4000_0010;
 /// The local APIC bus runs at 1 GHz in KVM's in-kernel APIC.
 const APIC_BUS_KHZ: u32 = 1_000_000;
 
-/// Adjusts `cpuid` (KVM's supported set) for vCPU `index` of `count`.
-pub fn configure(cpuid: &mut CpuId, index: u8, count: u8, tsc_khz: u32) -> Result<(), vmm_sys_util::fam::Error> {
+/// Adjusts `cpuid` (KVM's supported set) for vCPU `index` of `count`, hiding the
+/// features in `mask`.
+pub fn configure(
+    cpuid: &mut CpuId,
+    index: u8,
+    count: u8,
+    tsc_khz: u32,
+    mask: &[CpuFeature],
+) -> Result<(), vmm_sys_util::fam::Error> {
     let apic_id = u32::from(index);
     for e in cpuid.as_mut_slice() {
+        for f in mask.iter().filter(|f| f.leaf == e.function && e.index == 0) {
+            let reg = match f.reg {
+                CpuidReg::Ebx => &mut e.ebx,
+                CpuidReg::Ecx => &mut e.ecx,
+                CpuidReg::Edx => &mut e.edx,
+            };
+            *reg &= !(1 << f.bit);
+        }
         match e.function {
             1 => {
                 // EBX[31:24] initial APIC ID, EBX[23:16] logical processors per package.
@@ -53,7 +69,11 @@ pub fn configure(cpuid: &mut CpuId, index: u8, count: u8, tsc_khz: u32) -> Resul
             _ => {}
         }
     }
-    if !cpuid.as_slice().iter().any(|e| e.function == HYPERVISOR_LEAF) {
+    if !cpuid
+        .as_slice()
+        .iter()
+        .any(|e| e.function == HYPERVISOR_LEAF)
+    {
         let [b, c, d] = signature(b"KVMKVMKVM\0\0\0");
         cpuid.push(kvm_cpuid_entry2 {
             function: HYPERVISOR_LEAF,
@@ -96,12 +116,24 @@ mod tests {
     #[test]
     fn apic_id_topology_and_timing_leaf() {
         let mut cpuid = CpuId::from_entries(&[
-            kvm_cpuid_entry2 { function: 1, ebx: 0xffff_0800, ..Default::default() },
-            kvm_cpuid_entry2 { function: 0xb, index: 1, flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX, ..Default::default() },
+            kvm_cpuid_entry2 {
+                function: 1,
+                ebx: 0xffff_0800,
+                ecx: 1 << 13,
+                ..Default::default()
+            },
+            kvm_cpuid_entry2 {
+                function: 0xb,
+                index: 1,
+                flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+                ..Default::default()
+            },
         ])
         .unwrap();
-        configure(&mut cpuid, 3, 4, 2_500_000).unwrap();
+        let cx16 = CpuFeature::from_name("cx16").unwrap();
+        configure(&mut cpuid, 3, 4, 2_500_000, &[cx16]).unwrap();
         let e = cpuid.as_slice();
+        assert_eq!(e[0].ecx & (1 << 13), 0, "cx16 masked");
         assert_eq!(e[0].ebx >> 24, 3);
         assert_eq!((e[0].ebx >> 16) & 0xff, 4);
         assert_eq!(e[0].ebx & 0xffff, 0x0800);

@@ -6,7 +6,9 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use plexvm_protocol::spec::{BackendSource, DeviceConfig, DeviceKind, KernelSource, SerialSink, VmConfigResolved};
+use plexvm_protocol::spec::{
+    BackendSource, DeviceConfig, DeviceKind, KernelSource, SerialSink, VmConfigResolved,
+};
 
 use crate::runner::{self, RunError, SerialOut};
 
@@ -47,13 +49,19 @@ pub struct DemoReport {
 impl DemoReport {
     /// A result field by key.
     pub fn field(&self, key: &str) -> Option<&str> {
-        self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.fields
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 
 /// Parses the probe's `probe: result k=v ...` line out of its serial output.
 pub fn parse_result_line(serial: &str) -> Option<Vec<(String, String)>> {
-    let line = serial.lines().rev().find(|l| l.starts_with("probe: result "))?;
+    let line = serial
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("probe: result "))?;
     Some(
         line["probe: result ".len()..]
             .split_whitespace()
@@ -66,13 +74,18 @@ pub fn parse_result_line(serial: &str) -> Option<Vec<(String, String)>> {
 /// Finds `plexvm-blk`; when `plexvm` runs under `cargo run` from the source tree and the
 /// backend has not been built yet, builds it with the same profile first.
 fn find_or_build_backend() -> Result<PathBuf, DemoError> {
-    let exe_dir = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf));
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf));
     let here = Path::new(".");
-    if let Some(p) = plexvm_protocol::spec::resolve_program("plexvm-blk", exe_dir.as_deref(), here) {
+    if let Some(p) = plexvm_protocol::spec::resolve_program("plexvm-blk", exe_dir.as_deref(), here)
+    {
         return Ok(p);
     }
     let (Some(cargo), Some(dir)) = (std::env::var_os("CARGO"), exe_dir.as_ref()) else {
-        return Err(DemoError::BackendMissing("build it with `cargo build --release -p plexvm-blk`".into()));
+        return Err(DemoError::BackendMissing(
+            "build it with `cargo build --release -p plexvm-blk`".into(),
+        ));
     };
     let release = dir.file_name().is_some_and(|n| n == "release");
     eprintln!("demo: building plexvm-blk (first run)...");
@@ -81,19 +94,26 @@ fn find_or_build_backend() -> Result<PathBuf, DemoError> {
     if release {
         cmd.arg("--release");
     }
-    let status = cmd.status().map_err(|e| DemoError::BackendMissing(format!("cannot run cargo: {e}")))?;
+    let status = cmd
+        .status()
+        .map_err(|e| DemoError::BackendMissing(format!("cannot run cargo: {e}")))?;
     let path = dir.join("plexvm-blk");
     if status.success() && path.exists() {
         Ok(path)
     } else {
-        Err(DemoError::BackendMissing("`cargo build -p plexvm-blk` failed".into()))
+        Err(DemoError::BackendMissing(
+            "`cargo build -p plexvm-blk` failed".into(),
+        ))
     }
 }
 
 /// Runs the demo and returns what the probe reported.
 pub fn run_demo(seed: u64) -> Result<DemoReport, DemoError> {
     let backend = find_or_build_backend()?;
-    let dir = tempfile::Builder::new().prefix("plexvm-demo.").tempdir().map_err(DemoError::Temp)?;
+    let dir = tempfile::Builder::new()
+        .prefix("plexvm-demo.")
+        .tempdir()
+        .map_err(DemoError::Temp)?;
     let image = dir.path().join("disk.raw");
     std::fs::File::create(&image)
         .and_then(|f| f.set_len(DEMO_DISK_BYTES))
@@ -106,6 +126,8 @@ pub fn run_demo(seed: u64) -> Result<DemoReport, DemoError> {
         cmdline: format!("probe.workload=blk-verify probe.seed={seed}"),
         serial: SerialSink::Stdout,
         api_socket: None,
+        initrd: None,
+        cpuid_mask: Vec::new(),
         devices: vec![DeviceConfig {
             id: "disk0".into(),
             kind: DeviceKind::Blk,
@@ -121,10 +143,13 @@ pub fn run_demo(seed: u64) -> Result<DemoReport, DemoError> {
     let started = Instant::now();
     let outcome = runner::run(config, SerialOut::Tee(serial.clone())).map_err(DemoError::Run)?;
     let wall_ms = started.elapsed().as_millis();
-    let text = String::from_utf8_lossy(&serial.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
+    let text =
+        String::from_utf8_lossy(&serial.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
     let fields = parse_result_line(&text);
     let ok = outcome.exit_code() == 0
-        && fields.as_ref().is_some_and(|f| f.iter().any(|(k, v)| k == "status" && v == "ok"));
+        && fields
+            .as_ref()
+            .is_some_and(|f| f.iter().any(|(k, v)| k == "status" && v == "ok"));
     match fields {
         Some(fields) if ok => Ok(DemoReport { fields, wall_ms }),
         _ => Err(DemoError::Guest {

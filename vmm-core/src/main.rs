@@ -1,6 +1,6 @@
 //! `plexvm`: run a VM from a spec, run the demo, or talk to a running VM's control API.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -51,7 +51,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     msg
 }
 
-fn run(spec: &PathBuf) -> ExitCode {
+fn run(spec: &Path) -> ExitCode {
     let config = match VmSpec::load(spec) {
         Ok(c) => c,
         Err(e) => {
@@ -77,7 +77,11 @@ fn run(spec: &PathBuf) -> ExitCode {
         }
         Err(e) => {
             eprintln!("plexvm: {}", error_chain(&e));
-            ExitCode::from(if e.is_input_error() { EXIT_BAD_INPUT } else { 1 })
+            ExitCode::from(if e.is_input_error() {
+                EXIT_BAD_INPUT
+            } else {
+                1
+            })
         }
     }
 }
@@ -104,8 +108,10 @@ fn demo(seed: u64) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("PLEXVM_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),

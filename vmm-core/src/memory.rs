@@ -103,8 +103,12 @@ mod tests {
     #[test]
     fn memory_is_memfd_backed_and_writable() {
         let mem = create_guest_memory(4 << 20).unwrap();
-        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000)).unwrap();
-        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
+        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000))
+            .unwrap();
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
         let region = mem.iter().next().unwrap();
         assert!(region.file_offset().is_some());
         assert!(mem.read_obj::<u32>(GuestAddress(4 << 20)).is_err());

@@ -16,6 +16,7 @@ use crate::devices::legacy::{self, ExitPort, ExitSender, GuestExit, IrqLine, Ser
 use crate::devices::{MmioDevice, PioDevice};
 use crate::memory::{create_guest_memory, MemoryError};
 use crate::vcpu::{configure_vcpu, ExitHandlers, RunState, VcpuError, VcpuSet};
+use crate::virtio_devices::VirtioDevices;
 use crate::vm::{Vm, VmError};
 
 /// Errors building or running a VM.
@@ -36,6 +37,24 @@ pub enum RunError {
         /// Path from the spec (or "probe").
         path: PathBuf,
         /// Loader error.
+        #[source]
+        source: BootError,
+    },
+    /// The initramfs could not be read.
+    #[error("vm.initrd: {path}: cannot read the initramfs")]
+    InitrdFile {
+        /// Path from the spec.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The initramfs could not be placed.
+    #[error("vm.initrd: {path}: cannot load the initramfs")]
+    InitrdImage {
+        /// Path from the spec.
+        path: PathBuf,
+        /// Cause.
         #[source]
         source: BootError,
     },
@@ -60,6 +79,9 @@ pub enum RunError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A virtio device or its backend could not be set up.
+    #[error("cannot set up the virtio devices")]
+    Devices(#[source] crate::virtio_devices::DeviceSetupError),
     /// The serial output file could not be opened.
     #[error("vm.serial: {path}: cannot open")]
     SerialFile {
@@ -83,7 +105,14 @@ pub enum RunError {
 impl RunError {
     /// Whether the error is about the user's input (spec, kernel file): exit code 2.
     pub fn is_input_error(&self) -> bool {
-        matches!(self, RunError::KernelFile { .. } | RunError::KernelImage { .. } | RunError::SerialFile { .. })
+        matches!(
+            self,
+            RunError::KernelFile { .. }
+                | RunError::KernelImage { .. }
+                | RunError::InitrdFile { .. }
+                | RunError::InitrdImage { .. }
+                | RunError::SerialFile { .. }
+        )
     }
 }
 
@@ -121,7 +150,10 @@ impl SerialOut {
                     .create(true)
                     .append(true)
                     .open(path)
-                    .map_err(|source| RunError::SerialFile { path: path.clone(), source })?,
+                    .map_err(|source| RunError::SerialFile {
+                        path: path.clone(),
+                        source,
+                    })?,
             ),
         })
     }
@@ -134,7 +166,9 @@ impl Write for SerialOut {
             SerialOut::Discard => {}
             SerialOut::File(f) => f.write_all(buf)?,
             SerialOut::Tee(copy) => {
-                copy.lock().unwrap_or_else(|e| e.into_inner()).extend_from_slice(buf);
+                copy.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend_from_slice(buf);
                 std::io::stdout().write_all(buf)?;
             }
         }
@@ -175,7 +209,10 @@ impl RuntimeDir {
         let uid = unsafe { libc::getuid() };
         let root = plexvm_protocol::paths::runtime_root(xdg.as_deref(), uid);
         let dir = plexvm_protocol::paths::vm_runtime_dir(&root, name, std::process::id());
-        std::fs::create_dir_all(&dir).map_err(|source| RunError::RuntimeDir { path: dir.clone(), source })?;
+        std::fs::create_dir_all(&dir).map_err(|source| RunError::RuntimeDir {
+            path: dir.clone(),
+            source,
+        })?;
         Ok(RuntimeDir(dir))
     }
 }
@@ -194,20 +231,27 @@ fn device_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunErro
     }
 }
 
-fn platform_devices(vm: &Vm, serial: SerialOut, exit: &Sender<GuestExit>) -> Result<Bus<dyn PioDevice>, RunError> {
+fn platform_devices(
+    vm: &Vm,
+    serial: SerialOut,
+    exit: &Sender<GuestExit>,
+) -> Result<Bus<dyn PioDevice>, RunError> {
     let mut pio: Bus<dyn PioDevice> = Bus::new();
     let com1_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("COM1"))?;
     vm.fd()
         .register_irqfd(&com1_irq, legacy::COM1_IRQ)
         .map_err(|e| device_err("COM1")(std::io::Error::from_raw_os_error(e.errno())))?;
-    let com1: Arc<Mutex<dyn PioDevice>> = Arc::new(Mutex::new(SerialPort::new(IrqLine(com1_irq), serial)));
-    let i8042: Arc<Mutex<dyn PioDevice>> = Arc::new(Mutex::new(I8042::new(ExitSender(exit.clone()))));
+    let com1: Arc<Mutex<dyn PioDevice>> =
+        Arc::new(Mutex::new(SerialPort::new(IrqLine(com1_irq), serial)));
+    let i8042: Arc<Mutex<dyn PioDevice>> =
+        Arc::new(Mutex::new(I8042::new(ExitSender(exit.clone()))));
     let exit_port: Arc<Mutex<dyn PioDevice>> = Arc::new(Mutex::new(ExitPort(exit.clone())));
     let insert = |bus: &mut Bus<dyn PioDevice>, base: u16, len: u64, dev, what: &str| {
-        bus.insert(u64::from(base), len, dev).map_err(|e| RunError::Device {
-            what: what.to_string(),
-            source: Box::new(e),
-        })
+        bus.insert(u64::from(base), len, dev)
+            .map_err(|e| RunError::Device {
+                what: what.to_string(),
+                source: Box::new(e),
+            })
     };
     insert(&mut pio, legacy::COM1_BASE, 8, com1, "COM1")?;
     insert(&mut pio, legacy::I8042_BASE, 5, i8042, "i8042")?;
@@ -215,11 +259,11 @@ fn platform_devices(vm: &Vm, serial: SerialOut, exit: &Sender<GuestExit>) -> Res
     Ok(pio)
 }
 
-fn load_kernel(vm: &Vm, kernel: &KernelSource) -> Result<boot::EntryPoint, RunError> {
+fn load_kernel(vm: &Vm, kernel: &KernelSource) -> Result<boot::LoadedKernel, RunError> {
     match kernel {
         KernelSource::Probe => {
             let mut image = std::io::Cursor::new(crate::probe::PROBE_ELF);
-            boot::load_elf(vm.memory(), &mut image).map_err(|source| RunError::KernelImage {
+            boot::load_kernel(vm.memory(), &mut image).map_err(|source| RunError::KernelImage {
                 path: PathBuf::from("probe"),
                 source,
             })
@@ -229,12 +273,46 @@ fn load_kernel(vm: &Vm, kernel: &KernelSource) -> Result<boot::EntryPoint, RunEr
                 path: path.clone(),
                 source,
             })?;
-            boot::load_elf(vm.memory(), &mut file).map_err(|source| RunError::KernelImage {
+            boot::load_kernel(vm.memory(), &mut file).map_err(|source| RunError::KernelImage {
                 path: path.clone(),
                 source,
             })
         }
     }
+}
+
+fn load_initrd(
+    vm: &Vm,
+    kernel: &boot::LoadedKernel,
+    path: &std::path::Path,
+) -> Result<(u64, u64), RunError> {
+    let mut file = File::open(path).map_err(|source| RunError::InitrdFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    boot::load_initrd(vm.memory(), kernel, &mut file).map_err(|source| RunError::InitrdImage {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// What the core appends to the user's command line: the virtio-mmio devices, and for a
+/// Linux kernel the serial console and the i8042 options the platform needs; an entry
+/// the user already has is not repeated.
+fn core_cmdline_entries(config: &VmConfigResolved, devices: &VirtioDevices) -> Vec<String> {
+    let mut extra = Vec::new();
+    if config.kernel != KernelSource::Probe {
+        if config.serial != SerialSink::None && !config.cmdline.contains("console=") {
+            extra.push("console=ttyS0".to_string());
+        }
+        // Only the reset line of the i8042 is emulated (vm-superio); keep Linux's driver
+        // from probing an AUX port and a multiplexer that are not there.
+        extra.extend(["reboot=k", "i8042.noaux", "i8042.nomux", "i8042.dumbkbd"].map(String::from));
+    }
+    extra.extend(devices.cmdline_entries());
+    let have: Vec<&str> = config.cmdline.split_whitespace().collect();
+    extra.retain(|e| !have.contains(&e.as_str()));
+    extra
 }
 
 /// A VM that is set up and ready to start its vCPUs.
@@ -246,7 +324,7 @@ pub struct PreparedVm {
     handlers: Arc<ExitHandlers>,
     exits: Receiver<GuestExit>,
     exit_tx: Sender<GuestExit>,
-    devices: crate::virtio_devices::VirtioDevices,
+    devices: VirtioDevices,
     _runtime_dir: RuntimeDir,
 }
 
@@ -258,15 +336,16 @@ pub fn prepare(config: VmConfigResolved, serial: SerialOut) -> Result<PreparedVm
     let (exit_tx, exits) = channel();
     let pio = platform_devices(&vm, serial, &exit_tx)?;
     let mut mmio: Bus<dyn MmioDevice> = Bus::new();
-    let devices = crate::virtio_devices::VirtioDevices::create(&config, &vm, &runtime_dir.0, &mut mmio).map_err(|e| {
-        RunError::Device {
-            what: "virtio devices".into(),
-            source: Box::new(e),
-        }
-    })?;
-    let entry = load_kernel(&vm, &config.kernel)?;
-    let cmdline = boot::build_cmdline(&config.cmdline, &devices.cmdline_entries()).map_err(RunError::Boot)?;
-    boot::write_boot_structures(vm.memory(), &cmdline).map_err(RunError::Boot)?;
+    let devices = VirtioDevices::create(&config, &vm, &runtime_dir.0, &mut mmio)
+        .map_err(RunError::Devices)?;
+    let kernel = load_kernel(&vm, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(load_initrd(&vm, &kernel, path)?),
+        None => None,
+    };
+    let cmdline = boot::build_cmdline(&config.cmdline, &core_cmdline_entries(&config, &devices))
+        .map_err(RunError::Boot)?;
+    boot::write_boot_structures(vm.memory(), &cmdline, &kernel, initrd).map_err(RunError::Boot)?;
     let cpuid = vm.supported_cpuid().map_err(RunError::Vm)?;
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for i in 0..config.vcpus {
@@ -277,13 +356,22 @@ pub fn prepare(config: VmConfigResolved, serial: SerialOut) -> Result<PreparedVm
                 source,
             })
         })?;
-        configure_vcpu(&vcpu, i, config.vcpus, &cpuid, entry).map_err(RunError::Vcpu)?;
+        configure_vcpu(
+            &vcpu,
+            i,
+            config.vcpus,
+            &cpuid,
+            &config.cpuid_mask,
+            kernel.entry,
+        )
+        .map_err(RunError::Vcpu)?;
         vcpus.push(vcpu);
     }
     let handlers = Arc::new(ExitHandlers {
         pio,
         mmio,
         exit: exit_tx.clone(),
+        memory: vm.memory().clone(),
     });
     Ok(PreparedVm {
         config,
@@ -306,7 +394,7 @@ struct Controller {
     vcpus: Arc<VcpuSet>,
     stopped: Mutex<bool>,
     exit: Sender<GuestExit>,
-    devices: Arc<crate::virtio_devices::VirtioDevices>,
+    devices: Arc<VirtioDevices>,
 }
 
 impl Controller {
@@ -337,7 +425,11 @@ impl crate::api::VmController for Controller {
     fn set_state(&self, requested: RequestedState) -> Result<VmInfo, crate::api::ControlError> {
         let current = self.state();
         match (current, requested) {
-            (VmState::Stopped, _) => return Err(crate::api::ControlError::Conflict("the VM has stopped".into())),
+            (VmState::Stopped, _) => {
+                return Err(crate::api::ControlError::Conflict(
+                    "the VM has stopped".into(),
+                ))
+            }
             (VmState::Running, RequestedState::Paused) => self.vcpus.set_state(RunState::Paused),
             (VmState::Paused, RequestedState::Running) => self.vcpus.set_state(RunState::Running),
             (_, RequestedState::Stopped) => {
@@ -368,10 +460,6 @@ impl PreparedVm {
             _runtime_dir,
         } = self;
         let devices = Arc::new(devices);
-        let events = devices.start_event_loop().map_err(|e| RunError::Device {
-            what: "the device event loop".into(),
-            source: Box::new(e),
-        })?;
         let signals = watch_signals(exit_tx.clone());
         let vcpus = Arc::new(VcpuSet::start(vcpus, handlers).map_err(RunError::Vcpu)?);
         let controller = Arc::new(Controller {
@@ -384,20 +472,26 @@ impl PreparedVm {
             devices: devices.clone(),
         });
         let api = match &config.api_socket {
-            Some(path) => Some(crate::api::server::ApiServer::start(path, controller.clone()).map_err(|e| {
-                vcpus.stop();
-                RunError::Device {
-                    what: format!("the control API on {}", path.display()),
-                    source: Box::new(e),
-                }
-            })?),
+            Some(path) => Some(
+                crate::api::server::ApiServer::start(path, controller.clone()).map_err(|e| {
+                    vcpus.stop();
+                    RunError::Device {
+                        what: format!("the control API on {}", path.display()),
+                        source: Box::new(e),
+                    }
+                })?,
+            ),
             None => None,
         };
-        let exit = exits.recv().unwrap_or(GuestExit::Error("all vCPU threads are gone".into()));
+        let exit = exits
+            .recv()
+            .unwrap_or(GuestExit::Error("all vCPU threads are gone".into()));
         *controller.stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
         vcpus.stop();
         drop(api);
-        drop(events);
+        drop(controller);
+        // Last reference: stops the backends the core spawned and the event thread.
+        drop(devices);
         if let Some(s) = signals {
             s.close();
         }

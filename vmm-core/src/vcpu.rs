@@ -11,7 +11,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use kvm_bindings::{kvm_lapic_state, Msrs, kvm_msr_entry};
+use kvm_bindings::{kvm_lapic_state, kvm_msr_entry, Msrs};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
@@ -19,6 +19,8 @@ use crate::boot::{self, EntryPoint};
 use crate::devices::bus::Bus;
 use crate::devices::legacy::GuestExit;
 use crate::devices::{MmioDevice, PioDevice};
+use crate::memory::GuestMemory;
+use vm_memory::{Bytes, GuestAddress};
 
 /// What the vCPUs should be doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -135,6 +137,8 @@ pub struct ExitHandlers {
     pub mmio: Bus<dyn MmioDevice>,
     /// Where a guest-initiated end of the VM is reported.
     pub exit: Sender<GuestExit>,
+    /// Guest RAM, to show the instruction a vCPU stopped at.
+    pub memory: GuestMemory,
 }
 
 /// Configures vCPU `index` of `count`; the boot vCPU (0) also gets the entry state.
@@ -143,12 +147,20 @@ pub fn configure_vcpu(
     index: u8,
     count: u8,
     supported_cpuid: &kvm_bindings::CpuId,
+    cpuid_mask: &[plexvm_protocol::spec::CpuFeature],
     entry: EntryPoint,
 ) -> Result<(), VcpuError> {
-    let err = |what| move |source| VcpuError::Kvm { index, what, source };
+    let err = |what| {
+        move |source| VcpuError::Kvm {
+            index,
+            what,
+            source,
+        }
+    };
     let tsc_khz = vcpu.get_tsc_khz().unwrap_or(0);
     let mut cpuid = supported_cpuid.clone();
-    crate::cpuid::configure(&mut cpuid, index, count, tsc_khz).map_err(|_| VcpuError::Cpuid(index))?;
+    crate::cpuid::configure(&mut cpuid, index, count, tsc_khz, cpuid_mask)
+        .map_err(|_| VcpuError::Cpuid(index))?;
     vcpu.set_cpuid2(&cpuid).map_err(err("KVM_SET_CPUID2"))?;
     vcpu.set_msrs(&boot_msrs().map_err(|_| VcpuError::Cpuid(index))?)
         .map_err(err("KVM_SET_MSRS"))?;
@@ -157,9 +169,12 @@ pub fn configure_vcpu(
     vcpu.set_lapic(&lapic).map_err(err("KVM_SET_LAPIC"))?;
     if index == 0 {
         let sregs = vcpu.get_sregs().map_err(err("KVM_GET_SREGS"))?;
-        vcpu.set_sregs(&boot::boot_sregs(sregs)).map_err(err("KVM_SET_SREGS"))?;
-        vcpu.set_regs(&boot::boot_regs(entry)).map_err(err("KVM_SET_REGS"))?;
-        vcpu.set_fpu(&boot::boot_fpu()).map_err(err("KVM_SET_FPU"))?;
+        vcpu.set_sregs(&boot::boot_sregs(sregs))
+            .map_err(err("KVM_SET_SREGS"))?;
+        vcpu.set_regs(&boot::boot_regs(entry))
+            .map_err(err("KVM_SET_REGS"))?;
+        vcpu.set_fpu(&boot::boot_fpu())
+            .map_err(err("KVM_SET_FPU"))?;
     }
     Ok(())
 }
@@ -299,7 +314,10 @@ impl VcpuSet {
             }
             self.kick_all();
             let st = self.control.lock();
-            let _ = self.control.changed.wait_timeout(st, Duration::from_millis(2));
+            let _ = self
+                .control
+                .changed
+                .wait_timeout(st, Duration::from_millis(2));
         }
     }
 
@@ -321,11 +339,13 @@ fn run_vcpu(mut vcpu: VcpuFd, index: u8, control: &VcpuControl, handlers: &ExitH
                 vcpu.set_kvm_immediate_exit(0);
                 None
             }
-            Err(e) => Some(GuestExit::Error(format!("vCPU {index}: KVM_RUN failed: {e}"))),
+            Err(e) => Some(GuestExit::Error(format!(
+                "vCPU {index}: KVM_RUN failed: {e}"
+            ))),
         };
         if let Some(mut end) = outcome {
             if let GuestExit::Error(msg) = &mut end {
-                describe_fault(&vcpu, msg);
+                describe_fault(&mut vcpu, &handlers.memory, msg);
             }
             let _ = handlers.exit.send(end);
             return;
@@ -336,10 +356,14 @@ fn run_vcpu(mut vcpu: VcpuFd, index: u8, control: &VcpuControl, handlers: &ExitH
 fn handle_exit(exit: VcpuExit<'_>, h: &ExitHandlers) -> Option<GuestExit> {
     match exit {
         VcpuExit::IoOut(port, data) => {
-            h.pio.with_device(u64::from(port), |d, off| d.pio_write(off as u16, data));
+            h.pio
+                .with_device(u64::from(port), |d, off| d.pio_write(off as u16, data));
         }
         VcpuExit::IoIn(port, data) => {
-            if h.pio.with_device(u64::from(port), |d, off| d.pio_read(off as u16, data)).is_none() {
+            if h.pio
+                .with_device(u64::from(port), |d, off| d.pio_read(off as u16, data))
+                .is_none()
+            {
                 data.fill(0xff);
             }
         }
@@ -347,7 +371,10 @@ fn handle_exit(exit: VcpuExit<'_>, h: &ExitHandlers) -> Option<GuestExit> {
             h.mmio.with_device(addr, |d, off| d.mmio_write(off, data));
         }
         VcpuExit::MmioRead(addr, data) => {
-            if h.mmio.with_device(addr, |d, off| d.mmio_read(off, data)).is_none() {
+            if h.mmio
+                .with_device(addr, |d, off| d.mmio_read(off, data))
+                .is_none()
+            {
                 data.fill(0);
             }
         }
@@ -361,19 +388,48 @@ fn handle_exit(exit: VcpuExit<'_>, h: &ExitHandlers) -> Option<GuestExit> {
             })
         }
         VcpuExit::InternalError => {
-            return Some(GuestExit::Error("KVM internal error (an instruction KVM cannot emulate?)".into()))
+            return Some(GuestExit::Error(
+                "KVM internal error (an instruction KVM cannot emulate?)".into(),
+            ))
         }
         VcpuExit::FailEntry(reason, cpu) => {
-            return Some(GuestExit::Error(format!("KVM entry failed: reason {reason:#x} on cpu {cpu}")))
+            return Some(GuestExit::Error(format!(
+                "KVM entry failed: reason {reason:#x} on cpu {cpu}"
+            )))
         }
         other => return Some(GuestExit::Error(format!("unexpected vCPU exit {other:?}"))),
     }
     None
 }
 
-/// Adds RIP and the KVM internal-error suberror to an error message.
-fn describe_fault(vcpu: &VcpuFd, msg: &mut String) {
-    if let Ok(regs) = vcpu.get_regs() {
-        msg.push_str(&format!(" at RIP {:#x}", regs.rip));
+/// Adds RIP, CPL, the instruction bytes there and KVM's internal-error suberror to an
+/// error message, so that "an instruction KVM cannot emulate" names the instruction.
+fn describe_fault(vcpu: &mut VcpuFd, memory: &GuestMemory, msg: &mut String) {
+    if vcpu.get_kvm_run().exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR {
+        // SAFETY: exit_reason says the `internal` member of the union is the valid one.
+        let suberror = unsafe { vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
+        msg.push_str(&format!(" (suberror {suberror})"));
+    }
+    let Ok(regs) = vcpu.get_regs() else { return };
+    msg.push_str(&format!(" at RIP {:#x}", regs.rip));
+    if let Ok(sregs) = vcpu.get_sregs() {
+        msg.push_str(&format!(" CPL {}", sregs.cs.dpl));
+    }
+    let gpa = vcpu
+        .translate_gva(regs.rip)
+        .ok()
+        .filter(|t| t.valid != 0)
+        .map(|t| t.physical_address);
+    let mut bytes = [0u8; 15];
+    if let Some(gpa) = gpa {
+        if memory.read_slice(&mut bytes, GuestAddress(gpa)).is_ok() {
+            let hex: Vec<String> = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            msg.push_str(&format!(", instruction bytes {}", hex.join(" ")));
+            if bytes.starts_with(&[0xf0, 0x48, 0x0f, 0xc7])
+                || bytes.starts_with(&[0x48, 0x0f, 0xc7])
+            {
+                msg.push_str(" (cmpxchg16b: add cpuid_mask = [\"cx16\"] to the spec)");
+            }
+        }
     }
 }

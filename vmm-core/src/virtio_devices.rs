@@ -1,20 +1,24 @@
 //! The VM's virtio devices: for each `[[device]]`, its backend (spawned or attached),
 //! vhost-user frontend and virtio-mmio transport, placed on the MMIO bus and announced on
-//! the kernel command line.
+//! the kernel command line; plus the one event thread that serves them all.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use plexvm_protocol::api::DeviceInfo;
 use plexvm_protocol::spec::VmConfigResolved;
 
-use crate::devices::bus::Bus;
+use crate::backend::{self, BackendError};
+use crate::devices::bus::{Bus, BusError};
 use crate::devices::MmioDevice;
+use crate::vhost_user::{FrontendError, VhostUserFrontend};
+use crate::virtio::{
+    self, EventLoop, EventLoopError, TransportError, VirtioMmioTransport, MMIO_WINDOW_SIZE,
+};
 use crate::vm::Vm;
 
 /// Guest-physical base of the first virtio-mmio window (docs/platform.md).
 pub const MMIO_BASE: u64 = 0xd000_0000;
-/// Size of one window.
-pub const MMIO_WINDOW: u64 = 0x1000;
 /// GSI of the first device.
 pub const FIRST_GSI: u32 = 5;
 /// The IOAPIC has 24 pins; GSIs 5..=23 are free for virtio devices.
@@ -26,33 +30,100 @@ pub enum DeviceSetupError {
     /// More devices than interrupt lines.
     #[error("at most {MAX_DEVICES} devices are supported, the spec has {0}")]
     TooMany(usize),
+    /// The event thread could not start or take a device.
+    #[error("device event loop")]
+    EventLoop(#[from] EventLoopError),
+    /// The backend could not be started or reached.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// The vhost-user bring-up failed.
+    #[error(transparent)]
+    Frontend(#[from] FrontendError),
+    /// The transport could not be created.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The MMIO window collides with another device.
+    #[error("device {id}: MMIO window")]
+    Bus {
+        /// Device id.
+        id: String,
+        /// Cause.
+        #[source]
+        source: BusError,
+    },
 }
 
-/// All virtio devices of a VM.
-#[derive(Debug, Default)]
-pub struct VirtioDevices {
-    windows: Vec<(u64, u32)>,
-}
-
-/// Stops the device event loop when dropped.
+/// All virtio devices of a VM. Dropping it stops the backends the core spawned and the
+/// event thread.
 #[derive(Debug)]
-pub struct EventLoopGuard;
+pub struct VirtioDevices {
+    // Field order is drop order: transports (and their backends) before the event thread.
+    transports: Vec<Arc<Mutex<VirtioMmioTransport>>>,
+    windows: Vec<(u64, u32)>,
+    _events: Option<EventLoop>,
+}
 
 impl VirtioDevices {
-    /// Starts or attaches every backend and creates the transports.
+    /// Starts or attaches every backend, brings each connection up and creates the
+    /// transports on `mmio`.
     pub fn create(
         config: &VmConfigResolved,
-        _vm: &Vm,
-        _runtime_dir: &Path,
-        _mmio: &mut Bus<dyn MmioDevice>,
+        vm: &Vm,
+        runtime_dir: &Path,
+        mmio: &mut Bus<dyn MmioDevice>,
     ) -> Result<VirtioDevices, DeviceSetupError> {
         if config.devices.len() > MAX_DEVICES {
             return Err(DeviceSetupError::TooMany(config.devices.len()));
         }
-        Ok(VirtioDevices { windows: Vec::new() })
+        if config.devices.is_empty() {
+            return Ok(VirtioDevices {
+                transports: Vec::new(),
+                windows: Vec::new(),
+                _events: None,
+            });
+        }
+        let events = EventLoop::start()?;
+        let mut transports = Vec::with_capacity(config.devices.len());
+        let mut windows = Vec::with_capacity(config.devices.len());
+        for (i, dev) in config.devices.iter().enumerate() {
+            let base = MMIO_BASE + MMIO_WINDOW_SIZE * i as u64;
+            let gsi = FIRST_GSI + i as u32;
+            let (backend, stream) = backend::start(dev, runtime_dir, &config.base_dir)?;
+            let frontend =
+                VhostUserFrontend::connect(&dev.id, stream, virtio::default_queue_count(dev.kind))?;
+            let transport = VirtioMmioTransport::new(
+                dev,
+                base,
+                gsi,
+                vm.fd(),
+                vm.memory().clone(),
+                backend,
+                frontend,
+            )?;
+            events.add(transport.event_handler()?)?;
+            let transport = Arc::new(Mutex::new(transport));
+            let on_bus: Arc<Mutex<dyn MmioDevice>> = transport.clone();
+            mmio.insert(base, MMIO_WINDOW_SIZE, on_bus)
+                .map_err(|source| DeviceSetupError::Bus {
+                    id: dev.id.clone(),
+                    source,
+                })?;
+            transports.push(transport);
+            windows.push((base, gsi));
+        }
+        Ok(VirtioDevices {
+            transports,
+            windows,
+            _events: Some(events),
+        })
     }
 
-    /// `virtio_mmio.device=` entries for the kernel command line.
+    /// (MMIO base, GSI) of each device, in guest order.
+    pub fn windows(&self) -> &[(u64, u32)] {
+        &self.windows
+    }
+
+    /// `virtio_mmio.device=` entries for the kernel command line (the Linux format).
     pub fn cmdline_entries(&self) -> Vec<String> {
         self.windows
             .iter()
@@ -60,13 +131,11 @@ impl VirtioDevices {
             .collect()
     }
 
-    /// Starts watching the backends' call fds and sockets.
-    pub fn start_event_loop(&self) -> Result<EventLoopGuard, DeviceSetupError> {
-        Ok(EventLoopGuard)
-    }
-
     /// What the control API reports per device.
     pub fn info(&self) -> Vec<DeviceInfo> {
-        Vec::new()
+        self.transports
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).info())
+            .collect()
     }
 }

@@ -10,11 +10,16 @@ use plexvm_blk::{Args, BlockConfig};
 const USAGE_ERROR: u8 = 2;
 
 fn main() -> ExitCode {
+    // Quiet by default: under plexvm every stderr line is forwarded into the core's
+    // log; PLEXVM_BLK_LOG=info (or RUST_LOG) shows connections and requests.
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+            tracing_subscriber::EnvFilter::try_from_env("PLEXVM_BLK_LOG")
+                .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
     let args = match Args::try_parse() {

@@ -31,7 +31,14 @@ pub struct Bus<D: ?Sized> {
 impl<D: ?Sized> std::fmt::Debug for Bus<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Bus")
-            .field("ranges", &self.ranges.iter().map(|(b, (l, _))| (b, l)).collect::<Vec<_>>())
+            .field(
+                "ranges",
+                &self
+                    .ranges
+                    .iter()
+                    .map(|(b, (l, _))| (b, l))
+                    .collect::<Vec<_>>(),
+            )
             .field("unhandled", &self.unhandled)
             .finish()
     }

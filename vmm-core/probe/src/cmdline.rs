@@ -1,0 +1,296 @@
+//! Parsing the kernel command line the core hands the probe (docs/platform.md).
+//!
+//! Keys the probe owns start with `probe.`; an unknown `probe.*` key is an error so
+//! a typo never silently runs the wrong workload. `virtio_mmio.device=` entries use
+//! the Linux format `<size>@<base>:<irq>[:<id>]`. Everything else (`console=` and
+//! friends meant for Linux guests) is ignored.
+
+use thiserror::Error;
+
+/// Most virtio-mmio devices the probe keeps track of.
+pub const MAX_DEVICES: usize = 16;
+
+/// Bad command line: the probe prints it and exits with status 3.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CmdlineError<'a> {
+    /// A `probe.*` key the probe does not know.
+    #[error("unknown key {0:?}")]
+    UnknownKey(&'a str),
+    /// A `probe.*` token without `=value`.
+    #[error("key {0:?} needs a value (key=value)")]
+    MissingValue(&'a str),
+    /// A value that does not parse for its key.
+    #[error("bad value {value:?} for {key}")]
+    BadValue {
+        /// The key.
+        key: &'a str,
+        /// The value as given.
+        value: &'a str,
+    },
+    /// `probe.workload=` names no known workload.
+    #[error("unknown workload {0:?} (known: blk-verify, blk-abuse)")]
+    UnknownWorkload(&'a str),
+    /// More than [`MAX_DEVICES`] `virtio_mmio.device=` entries.
+    #[error("more than {MAX_DEVICES} virtio_mmio.device entries")]
+    TooManyDevices,
+}
+
+/// What the probe runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// Random writes over the whole disk, flush, read back and verify.
+    BlkVerify,
+    /// Malformed descriptor chains that a block device must reject safely.
+    BlkAbuse,
+}
+
+impl Workload {
+    /// The name used on the command line and in result lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::BlkVerify => "blk-verify",
+            Workload::BlkAbuse => "blk-abuse",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Workload> {
+        [Workload::BlkVerify, Workload::BlkAbuse]
+            .into_iter()
+            .find(|w| w.name() == name)
+    }
+}
+
+/// One `virtio_mmio.device=<size>@<base>:<irq>` entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioDevice {
+    /// Guest-physical base of the register window.
+    pub base: u64,
+    /// Size of the window in bytes.
+    pub size: u64,
+    /// Interrupt line.
+    pub irq: u32,
+}
+
+/// The parsed command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// `probe.workload=`, default blk-verify.
+    pub workload: Workload,
+    /// `probe.seed=`, default 1.
+    pub seed: u64,
+    /// `probe.seconds=`, default 0 = one pass.
+    pub seconds: u64,
+    devices: [Option<MmioDevice>; MAX_DEVICES],
+    device_count: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            workload: Workload::BlkVerify,
+            seed: 1,
+            seconds: 0,
+            devices: [None; MAX_DEVICES],
+            device_count: 0,
+        }
+    }
+}
+
+impl Config {
+    /// The virtio-mmio devices, in command-line order.
+    pub fn devices(&self) -> impl Iterator<Item = MmioDevice> + '_ {
+        self.devices[..self.device_count].iter().flatten().copied()
+    }
+
+    fn push_device(&mut self, device: MmioDevice) -> Result<(), CmdlineError<'static>> {
+        let slot = self
+            .devices
+            .get_mut(self.device_count)
+            .ok_or(CmdlineError::TooManyDevices)?;
+        *slot = Some(device);
+        self.device_count += 1;
+        Ok(())
+    }
+}
+
+/// Parses a whole command line.
+pub fn parse(cmdline: &str) -> Result<Config, CmdlineError<'_>> {
+    let mut config = Config::default();
+    for token in cmdline.split_ascii_whitespace() {
+        if let Some(rest) = token.strip_prefix("probe.") {
+            let (key, value) = rest
+                .split_once('=')
+                .ok_or(CmdlineError::MissingValue(token))?;
+            apply_probe_key(&mut config, key, value)?;
+        } else if let Some(value) = token.strip_prefix("virtio_mmio.device=") {
+            let device = parse_device(value).ok_or(CmdlineError::BadValue {
+                key: "virtio_mmio.device",
+                value,
+            })?;
+            config.push_device(device)?;
+        }
+    }
+    Ok(config)
+}
+
+fn apply_probe_key<'a>(
+    config: &mut Config,
+    key: &'a str,
+    value: &'a str,
+) -> Result<(), CmdlineError<'a>> {
+    let bad = || CmdlineError::BadValue { key, value };
+    match key {
+        "workload" => {
+            config.workload =
+                Workload::from_name(value).ok_or(CmdlineError::UnknownWorkload(value))?
+        }
+        "seed" => config.seed = parse_number(value).ok_or_else(bad)?,
+        "seconds" => config.seconds = parse_number(value).ok_or_else(bad)?,
+        _ => return Err(CmdlineError::UnknownKey(key)),
+    }
+    Ok(())
+}
+
+/// `<size>@<base>:<irq>[:<id>]` as Linux's virtio_mmio driver reads it.
+fn parse_device(value: &str) -> Option<MmioDevice> {
+    let (size, rest) = value.split_once('@')?;
+    let (base, rest) = rest.split_once(':')?;
+    let irq = rest.split(':').next()?;
+    let size = parse_size(size)?;
+    if size == 0 {
+        return None;
+    }
+    Some(MmioDevice {
+        base: parse_number(base)?,
+        size,
+        irq: u32::try_from(parse_number(irq)?).ok()?,
+    })
+}
+
+/// A number with an optional `K`/`M`/`G` suffix (Linux `memparse`).
+pub fn parse_size(text: &str) -> Option<u64> {
+    let (digits, shift) = match text.as_bytes().last()? {
+        b'k' | b'K' => (&text[..text.len() - 1], 10),
+        b'm' | b'M' => (&text[..text.len() - 1], 20),
+        b'g' | b'G' => (&text[..text.len() - 1], 30),
+        _ => (text, 0),
+    };
+    parse_number(digits)?.checked_mul(1u64 << shift)
+}
+
+/// Decimal, or hexadecimal with a `0x` prefix.
+pub fn parse_number(text: &str) -> Option<u64> {
+    match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) if !hex.is_empty() && !hex.starts_with('+') => u64::from_str_radix(hex, 16).ok(),
+        Some(_) => None,
+        None if !text.is_empty() && !text.starts_with('+') => text.parse().ok(),
+        None => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_when_nothing_given() {
+        let config = parse("console=ttyS0 quiet").unwrap();
+        assert_eq!(config.workload, Workload::BlkVerify);
+        assert_eq!(config.seed, 1);
+        assert_eq!(config.seconds, 0);
+        assert_eq!(config.devices().count(), 0);
+    }
+
+    #[test]
+    fn full_line_as_the_core_builds_it() {
+        let line = "probe.workload=blk-abuse probe.seed=0x2a probe.seconds=5 \
+                    virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=0x1000@0xd0001000:6:3";
+        let config = parse(line).unwrap();
+        assert_eq!(config.workload, Workload::BlkAbuse);
+        assert_eq!(config.seed, 42);
+        assert_eq!(config.seconds, 5);
+        let devices: Vec<_> = config.devices().collect();
+        assert_eq!(
+            devices,
+            [
+                MmioDevice {
+                    base: 0xd000_0000,
+                    size: 4096,
+                    irq: 5
+                },
+                MmioDevice {
+                    base: 0xd000_1000,
+                    size: 4096,
+                    irq: 6
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_probe_key_is_an_error() {
+        assert_eq!(parse("probe.sede=3"), Err(CmdlineError::UnknownKey("sede")));
+        assert_eq!(
+            parse("probe.seed"),
+            Err(CmdlineError::MissingValue("probe.seed"))
+        );
+        assert_eq!(
+            parse("probe.workload=blk-verfy"),
+            Err(CmdlineError::UnknownWorkload("blk-verfy"))
+        );
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        for line in [
+            "probe.seed=",
+            "probe.seed=12x",
+            "probe.seed=-1",
+            "probe.seed=+1",
+            "probe.seconds=0x",
+            "probe.seed=99999999999999999999",
+            "virtio_mmio.device=4K",
+            "virtio_mmio.device=4K@0xd0000000",
+            "virtio_mmio.device=0@0xd0000000:5",
+            "virtio_mmio.device=4K@zz:5",
+            "virtio_mmio.device=4K@0xd0000000:99999999999",
+            "virtio_mmio.device=99999999999G@0x0:5",
+        ] {
+            assert!(
+                matches!(parse(line), Err(CmdlineError::BadValue { .. })),
+                "{line} should be rejected"
+            );
+        }
+    }
+
+    #[test]
+    fn too_many_devices() {
+        let mut line = String::new();
+        for i in 0..=MAX_DEVICES {
+            line += &format!(
+                " virtio_mmio.device=4K@0x{:x}:{}",
+                0xd000_0000 + i * 0x1000,
+                5 + i
+            );
+        }
+        assert_eq!(parse(&line), Err(CmdlineError::TooManyDevices));
+    }
+
+    #[test]
+    fn sizes_and_numbers() {
+        assert_eq!(parse_size("4K"), Some(4096));
+        assert_eq!(parse_size("4k"), Some(4096));
+        assert_eq!(parse_size("2M"), Some(2 << 20));
+        assert_eq!(parse_size("1G"), Some(1 << 30));
+        assert_eq!(parse_size("0x200"), Some(512));
+        assert_eq!(parse_size("K"), None);
+        assert_eq!(parse_size(""), None);
+        assert_eq!(parse_number("0XfF"), Some(255));
+        assert_eq!(parse_number("0x+1"), None);
+    }
+
+    #[test]
+    fn later_keys_win() {
+        assert_eq!(parse("probe.seed=3 probe.seed=4").unwrap().seed, 4);
+    }
+}
