@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# plexvm's one test command: installs (idempotently) the system packages the tests
+# need, builds every binary, checks formatting and lints, and runs every test.
+# CI (.ci/run) calls exactly this on a fresh clone.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+
+# System packages the end-to-end tests use. Installed only when missing, so a second
+# run does not touch apt at all.
+PACKAGES=(
+  qemu-system-x86      # QEMU/TCG: a real Linux driver against our backends
+  qemu-utils           # qemu-storage-daemon, qemu-img: a backend we did not write
+  linux-image-amd64    # Debian's kernel and its virtio modules for the QEMU guests
+  busybox-static       # the guests' and containers' userland
+  e2fsprogs            # e2fsck/debugfs: check guest-written filesystems on the host
+  curl                 # the control API through curl --unix-socket
+  cpio                 # initramfs archives
+  kmod                 # modinfo/depmod for building initramfs module sets
+  iproute2             # network namespaces and tap devices
+  coreutils
+)
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  log "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# Further per-component dependencies (each script is idempotent).
+for deps in container-shim/tests/deps.sh; do
+  if [[ -x "$deps" ]]; then
+    log "dependencies: $deps"
+    "$deps"
+  fi
+done
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+log "build all binaries"
+cargo build --workspace --bins
+
+log "tests"
+if command -v cargo-nextest >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast "$@"
+else
+  cargo test --workspace --no-fail-fast "$@"
+fi
