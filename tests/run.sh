@@ -4,6 +4,9 @@
 # CI (.ci/run) calls exactly this on a fresh clone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# End-to-end tests may skip only when a peer program is truly missing; here, where this
+# script installs them, a missing one is a failure.
+export PLEXVM_NO_SKIP=1
 
 log() { printf '\n==> %s\n' "$*"; }
 

@@ -9,6 +9,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod blk_guest;
+pub mod ext_image;
+pub mod initramfs;
+pub mod prereq;
+pub mod qemu;
+pub mod vhost_backends;
+
 /// The folder holding the workspace's binaries for the profile the tests were built with
 /// (`target/debug` or `target/release`): the test executable lives in `<that>/deps`.
 pub fn bin_dir() -> PathBuf {
@@ -39,7 +46,9 @@ pub struct ChildGuard {
 impl ChildGuard {
     /// Spawns `cmd`, naming it `name` in messages.
     pub fn spawn(name: &str, cmd: &mut Command) -> Result<ChildGuard> {
-        let child = cmd.spawn().with_context(|| format!("cannot start {name}"))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
         Ok(ChildGuard {
             child: Some(child),
             name: name.to_string(),
@@ -139,17 +148,27 @@ pub fn create_image(path: &Path, bytes: u64) -> Result<()> {
 
 /// SHA-256 of a file, computed by the host's `sha256sum` (independent of our code).
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let out = Command::new("sha256sum").arg(path).output().context("run sha256sum")?;
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .context("run sha256sum")?;
     if !out.status.success() {
         bail!("sha256sum {} failed", path.display());
     }
     let text = String::from_utf8(out.stdout)?;
-    Ok(text.split_whitespace().next().unwrap_or_default().to_string())
+    Ok(text
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
 }
 
 /// The `key=value` fields of the probe's last `probe: result ...` line.
 pub fn probe_result(serial: &str) -> Option<Vec<(String, String)>> {
-    let line = serial.lines().rev().find(|l| l.starts_with("probe: result "))?;
+    let line = serial
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("probe: result "))?;
     Some(
         line["probe: result ".len()..]
             .split_whitespace()
@@ -161,7 +180,10 @@ pub fn probe_result(serial: &str) -> Option<Vec<(String, String)>> {
 
 /// One field of a probe result.
 pub fn field<'a>(fields: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    fields.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    fields
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
 }
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes.

@@ -18,7 +18,11 @@ fn ctl(api: &Path, args: &[&str]) -> Output {
 
 fn status_json(api: &Path) -> serde_json::Value {
     let out = ctl(api, &["status"]);
-    assert!(out.status.success(), "ctl status: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ctl status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -44,7 +48,10 @@ fn status_pause_resume_stop() {
             .stderr(Stdio::piped()),
     )
     .unwrap();
-    assert!(wait_for(Duration::from_secs(30), || api.exists()), "API socket never appeared");
+    assert!(
+        wait_for(Duration::from_secs(30), || api.exists()),
+        "API socket never appeared"
+    );
 
     let info = status_json(&api);
     assert_eq!(info["name"], "apivm");
@@ -55,14 +62,24 @@ fn status_pause_resume_stop() {
     let dev = &info["devices"][0];
     assert_eq!(dev["id"], "disk0");
     assert_eq!(dev["kind"], "blk");
-    let backend_pid = dev["backend_pid"].as_u64().expect("spawned backend has a pid");
+    let backend_pid = dev["backend_pid"]
+        .as_u64()
+        .expect("spawned backend has a pid");
     assert!(Path::new(&format!("/proc/{backend_pid}")).exists());
 
     let out = ctl(&api, &["pause"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(status_json(&api)["state"], "paused");
     // While paused the guest makes no progress: its serial output stands still.
-    let len = || std::fs::metadata(dir.path().join("serial.log")).map(|m| m.len()).unwrap_or(0);
+    let len = || {
+        std::fs::metadata(dir.path().join("serial.log"))
+            .map(|m| m.len())
+            .unwrap_or(0)
+    };
     let before = len();
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(len(), before, "guest printed while paused");
@@ -71,12 +88,21 @@ fn status_pause_resume_stop() {
     assert!(!out.status.success());
 
     let out = ctl(&api, &["resume"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(status_json(&api)["state"], "running");
 
     // The same API through curl, as a user would call it.
     let curl = Command::new("curl")
-        .args(["-sS", "--unix-socket", api.to_str().unwrap(), "http://localhost/vm"])
+        .args([
+            "-sS",
+            "--unix-socket",
+            api.to_str().unwrap(),
+            "http://localhost/vm",
+        ])
         .output()
         .expect("curl is installed by tests/run.sh");
     assert!(curl.status.success());
@@ -102,10 +128,17 @@ fn status_pause_resume_stop() {
     assert_eq!(String::from_utf8_lossy(&bad.stdout), "400");
 
     let out = ctl(&api, &["stop"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let status = vm.wait_timeout(Duration::from_secs(30)).unwrap();
     assert_eq!(status.code(), Some(0));
     // The core stopped the backend it spawned and removed its sockets.
-    assert!(wait_for(Duration::from_secs(5), || !Path::new(&format!("/proc/{backend_pid}")).exists()));
+    assert!(wait_for(Duration::from_secs(5), || !Path::new(&format!(
+        "/proc/{backend_pid}"
+    ))
+    .exists()));
     assert!(!api.exists(), "API socket left behind");
 }

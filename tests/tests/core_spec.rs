@@ -10,12 +10,30 @@ const VM: &str = "[vm]\nname = \"t\"\nmemory_mib = 64\nkernel = \"probe\"\n";
 fn expect_rejected(dir: &Path, name: &str, spec: &str, needle: &str) {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, spec).unwrap();
-    let out = run_plexvm(&["run", path.to_str().unwrap()], dir, Duration::from_secs(30)).unwrap();
+    let out = run_plexvm(
+        &["run", path.to_str().unwrap()],
+        dir,
+        Duration::from_secs(30),
+    )
+    .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{name}: exit status {:?}, stderr: {stderr}", out.status);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{name}: exit status {:?}, stderr: {stderr}",
+        out.status
+    );
     let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 1, "{name}: want exactly one line on stderr, got: {stderr}");
-    assert!(lines[0].contains(needle), "{name}: {needle:?} not in {:?}", lines[0]);
+    assert_eq!(
+        lines.len(),
+        1,
+        "{name}: want exactly one line on stderr, got: {stderr}"
+    );
+    assert!(
+        lines[0].contains(needle),
+        "{name}: {needle:?} not in {:?}",
+        lines[0]
+    );
     assert!(!stderr.contains("panicked"), "{name}: {stderr}");
 }
 
@@ -23,7 +41,12 @@ fn expect_rejected(dir: &Path, name: &str, spec: &str, needle: &str) {
 fn every_bad_spec_gets_one_line_and_exit_code_2() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    expect_rejected(d, "unknown-key", &format!("{VM}colour = \"red\"\n"), "unknown field `colour`");
+    expect_rejected(
+        d,
+        "unknown-key",
+        &format!("{VM}colour = \"red\"\n"),
+        "unknown field `colour`",
+    );
     expect_rejected(
         d,
         "missing-kernel",
@@ -42,25 +65,52 @@ fn every_bad_spec_gets_one_line_and_exit_code_2() {
         "[vm]\nname = \"t\"\nvcpus = 33\nmemory_mib = 64\nkernel = \"probe\"\n",
         "vm.vcpus",
     );
-    expect_rejected(d, "memory-0", "[vm]\nname = \"t\"\nmemory_mib = 0\nkernel = \"probe\"\n", "vm.memory_mib");
+    expect_rejected(
+        d,
+        "memory-0",
+        "[vm]\nname = \"t\"\nmemory_mib = 0\nkernel = \"probe\"\n",
+        "vm.memory_mib",
+    );
     let dev = |id: &str, rest: &str| format!("[[device]]\nid = \"{id}\"\nkind = \"blk\"\n{rest}");
     expect_rejected(
         d,
         "duplicate-id",
-        &format!("{VM}{}{}", dev("d0", "socket = \"a.sock\"\n"), dev("d0", "socket = \"b.sock\"\n")),
+        &format!(
+            "{VM}{}{}",
+            dev("d0", "socket = \"a.sock\"\n"),
+            dev("d0", "socket = \"b.sock\"\n")
+        ),
         "device[1].id",
     );
     expect_rejected(
         d,
         "exec-and-socket",
-        &format!("{VM}{}", dev("d0", "socket = \"a.sock\"\nexec = [\"plexvm-blk\"]\n")),
+        &format!(
+            "{VM}{}",
+            dev("d0", "socket = \"a.sock\"\nexec = [\"plexvm-blk\"]\n")
+        ),
         "not both",
     );
-    expect_rejected(d, "neither", &format!("{VM}{}", dev("d0", "")), "needs `exec`");
-    expect_rejected(d, "bad-kind", &format!("{VM}[[device]]\nid = \"d0\"\nkind = \"gpu\"\nsocket = \"s\"\n"), "gpu");
+    expect_rejected(
+        d,
+        "neither",
+        &format!("{VM}{}", dev("d0", "")),
+        "needs `exec`",
+    );
+    expect_rejected(
+        d,
+        "bad-kind",
+        &format!("{VM}[[device]]\nid = \"d0\"\nkind = \"gpu\"\nsocket = \"s\"\n"),
+        "gpu",
+    );
     expect_rejected(d, "not-toml", "[vm\nname=", "not-toml.toml:");
     expect_rejected(d, "missing-vm", "", "missing field `vm`");
-    expect_rejected(d, "bad-serial", &format!("{VM}serial = \"tty9\"\n"), "file:PATH");
+    expect_rejected(
+        d,
+        "bad-serial",
+        &format!("{VM}serial = \"tty9\"\n"),
+        "file:PATH",
+    );
 }
 
 #[test]
