@@ -271,6 +271,15 @@ pub fn write_boot_structures(
     write_page_tables(mem)
 }
 
+/// Tells the kernel where the ACPI RSDP is: `boot_params.acpi_rsdp_addr` (offset 0x070,
+/// boot protocol 2.14, Documentation/arch/x86/zero-page.rst). Kernels that predate the
+/// field have padding there and find the RSDP by scanning the BIOS area instead.
+pub fn set_acpi_rsdp(mem: &GuestMemory, rsdp: GuestAddress) -> Result<(), BootError> {
+    let offset = std::mem::offset_of!(boot_params, acpi_rsdp_addr) as u64;
+    mem.write_obj(rsdp.0, GuestAddress(ZERO_PAGE_ADDR + offset))
+        .map_err(BootError::Memory)
+}
+
 /// The e820 map: low RAM below the EBDA, then RAM from 1 MiB (and above 4 GiB).
 fn e820_map(mem: &GuestMemory) -> Vec<boot_e820_entry> {
     let entry = |addr: u64, size: u64| boot_e820_entry {
