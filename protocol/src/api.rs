@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::DeviceKind;
+use crate::spec::{BackendSource, DeviceKind};
 
 /// The lifecycle state of a VM (the vCPU state machine).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +53,10 @@ pub enum BackendState {
     Down,
     /// Being restarted or reconnected.
     Reconnecting,
+    /// Down for good: the restart policy is `never`, or `restart_max` restarts in a
+    /// row failed. The device's queues stall; a swap (`PUT /devices/{id}/backend`)
+    /// can still bring it back.
+    Failed,
 }
 
 /// One device as `GET /vm` reports it.
@@ -74,7 +78,44 @@ pub struct DeviceInfo {
     pub state: BackendState,
     /// Whether the guest driver has set DRIVER_OK.
     pub activated: bool,
+    /// How many times the backend was restarted or reconnected after it went away
+    /// (swaps not counted).
+    #[serde(default)]
+    pub restarts: u64,
+    /// Restart or reconnect attempts that failed.
+    #[serde(default)]
+    pub failed_restarts: u64,
+    /// Why the backend last went down or why the last restart failed: exit code or
+    /// signal, and its last stderr lines.
+    #[serde(default)]
+    pub last_exit: Option<String>,
+    /// Milliseconds the device has spent with its backend down, in all.
+    #[serde(default)]
+    pub down_ms: u64,
+    /// Milliseconds the last down period lasted (from noticing the backend gone to the
+    /// device serving again), when there was one.
+    #[serde(default)]
+    pub last_stall_ms: Option<u64>,
+    /// Whether the current backend tracks in-flight requests
+    /// (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), so a crash loses none.
+    #[serde(default)]
+    pub inflight_tracking: bool,
+    /// False after a backend without in-flight tracking was reconnected following a
+    /// crash: requests it had taken were replayed from the used index, but whether
+    /// any were lost is unknown ("reconnected, in-flight state unknown").
+    #[serde(default = "yes")]
+    pub inflight_state_known: bool,
 }
+
+fn yes() -> bool {
+    true
+}
+
+/// Body of `PUT /devices/{id}/backend`: the backend to hand the device to, written as
+/// in a spec's `[[device]]`: `{"exec": ["plexvm-blk", "--image", "disk.raw"]}` (the core
+/// appends `--socket`) or `{"socket": "/run/x.sock"}`. Relative paths resolve against the
+/// spec's folder.
+pub type BackendSwapRequest = BackendSource;
 
 /// Body of `GET /vm`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -174,6 +174,35 @@ pub struct DeviceSpec {
     /// Attach to a backend already listening here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<PathBuf>,
+    /// What to do when the backend goes away while the VM runs: `"always"` (the
+    /// default) restarts an `exec` backend with the same arguments or reconnects to a
+    /// `socket` backend when its socket comes back; `"never"` leaves the device down.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<RestartPolicy>,
+    /// Give up after this many restarts in a row that fail (the backend exits or cannot
+    /// be reached before it serves). Unset: never give up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_max: Option<u32>,
+}
+
+/// The `restart` value of a `[[device]]`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RestartPolicy {
+    /// Restart (or reconnect) the backend, with back-off, whenever it goes away.
+    #[default]
+    Always,
+    /// Leave the device down when its backend goes away.
+    Never,
+}
+
+/// A device's restart policy after validation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RestartConfig {
+    /// Whether to restart at all.
+    pub policy: RestartPolicy,
+    /// Most failed restarts in a row before giving up; `None`: no limit.
+    pub max_failures: Option<u32>,
 }
 
 /// How the core reaches a device's backend, after validation.
@@ -204,6 +233,8 @@ pub struct DeviceConfig {
     pub kind: DeviceKind,
     /// Where its backend comes from.
     pub backend: BackendSource,
+    /// What happens when the backend goes away while the VM runs.
+    pub restart: RestartConfig,
 }
 
 /// A checked spec with paths resolved: what the core runs.
@@ -535,13 +566,37 @@ fn resolve_devices(
                 BackendSource::Socket(base_dir.join(sock))
             }
         };
+        let restart = resolve_restart(d.restart, d.restart_max, &field)?;
         out.push(DeviceConfig {
             id: d.id,
             kind: d.kind,
             backend,
+            restart,
         });
     }
     Ok(out)
+}
+
+fn resolve_restart(
+    policy: Option<RestartPolicy>,
+    max: Option<u32>,
+    field: &dyn Fn(&str) -> String,
+) -> Result<RestartConfig, SpecError> {
+    let policy = policy.unwrap_or_default();
+    match (policy, max) {
+        (RestartPolicy::Never, Some(_)) => Err(invalid(
+            field("restart_max"),
+            "only applies with restart = \"always\"",
+        )),
+        (_, Some(0)) => Err(invalid(
+            field("restart_max"),
+            "must be at least 1 (use restart = \"never\" for no restarts)",
+        )),
+        _ => Ok(RestartConfig {
+            policy,
+            max_failures: max,
+        }),
+    }
 }
 
 /// Finds a backend program: a bare `plexvm-*` name is looked up next to the running
@@ -681,6 +736,37 @@ socket = "/run/x.sock"
         assert!(err_of(&empty).starts_with("device[0].exec:"));
         let kind = format!("{base}[[device]]\nid=\"d\"\nkind=\"gpu\"\nexec=[\"x\"]\n");
         assert!(err_of(&kind).contains("unknown variant `gpu`"));
+    }
+
+    #[test]
+    fn restart_policy_defaults_to_always_and_is_checked() {
+        let c = check(GOOD).unwrap();
+        assert_eq!(c.devices[0].restart, RestartConfig::default());
+        assert_eq!(c.devices[0].restart.policy, RestartPolicy::Always);
+        let base = "[vm]\nname=\"a\"\nmemory_mib=1\nkernel=\"probe\"\n[[device]]\nid=\"d\"\nkind=\"blk\"\nsocket=\"s\"\n";
+        let c = check(&format!("{base}restart=\"never\"\n")).unwrap();
+        assert_eq!(c.devices[0].restart.policy, RestartPolicy::Never);
+        let c = check(&format!("{base}restart=\"always\"\nrestart_max=5\n")).unwrap();
+        assert_eq!(
+            c.devices[0].restart,
+            RestartConfig {
+                policy: RestartPolicy::Always,
+                max_failures: Some(5)
+            }
+        );
+        let c = check(&format!("{base}restart_max=2\n")).unwrap();
+        assert_eq!(c.devices[0].restart.max_failures, Some(2));
+        let e = err_of(&format!("{base}restart=\"never\"\nrestart_max=3\n"));
+        assert!(e.starts_with("device[0].restart_max:"), "{e}");
+        let e = err_of(&format!("{base}restart_max=0\n"));
+        assert!(
+            e.starts_with("device[0].restart_max: must be at least 1"),
+            "{e}"
+        );
+        let e = err_of(&format!("{base}restart=\"sometimes\"\n"));
+        assert!(e.contains("unknown variant `sometimes`"), "{e}");
+        let e = err_of(&format!("{base}restart_max=-1\n"));
+        assert!(e.starts_with("vm.toml:"), "{e}");
     }
 
     #[test]

@@ -107,7 +107,47 @@ pub struct Backend {
     process: Option<BackendProcess>,
 }
 
+/// How long [`Backend::stop_and_describe`] waits for a backend whose connection ended to
+/// exit by itself, and for the end of its stderr.
+const EXIT_WAIT: Duration = Duration::from_millis(200);
+
 impl Backend {
+    /// Stops the backend if it still runs, reaps it, and says in one line why it went
+    /// away: the exit code or signal and its last stderr lines, or for an attached
+    /// backend that it closed the connection.
+    pub fn stop_and_describe(self) -> String {
+        let Some(process) = &self.process else {
+            return format!(
+                "the backend at {} closed its vhost-user connection",
+                self.socket.display()
+            );
+        };
+        let deadline = Instant::now() + EXIT_WAIT;
+        let mut status = process.try_exit_status();
+        while status.is_none() && Instant::now() < deadline {
+            std::thread::sleep(POLL);
+            status = process.try_exit_status();
+        }
+        let what = match status {
+            Some(status) => describe_status(status),
+            None => "closed its vhost-user connection and was stopped".to_string(),
+        };
+        let head = format!(
+            "backend {} (pid {}) {what}",
+            process.program().display(),
+            process.pid()
+        );
+        // Dropping the process stops it if it still runs; the stderr thread then ends.
+        let tail = process.stderr.clone();
+        drop(self);
+        format!("{head}{}", tail_text(&tail.lines(EXIT_WAIT)))
+    }
+
+    /// The program, for messages (`None` for an attached backend).
+    pub fn program(&self) -> Option<&Path> {
+        self.process.as_ref().map(BackendProcess::program)
+    }
+
     /// The vhost-user socket path.
     pub fn socket(&self) -> &Path {
         &self.socket
@@ -165,6 +205,78 @@ pub fn start(
             };
             Ok((backend, stream))
         }
+    }
+}
+
+/// The socket path of the `generation`-th backend spawned for device `id`: the first one
+/// gets the usual `<id>.sock`, later ones (a swap runs the new backend beside the old
+/// one) `<id>.<generation>.sock`.
+pub fn spawn_socket(vm_runtime_dir: &Path, id: &str, generation: u64) -> PathBuf {
+    if generation == 0 {
+        backend_socket(vm_runtime_dir, id)
+    } else {
+        vm_runtime_dir.join(format!("{id}.{generation}.sock"))
+    }
+}
+
+/// Starts (`exec`, listening on `socket`) or attaches to (`socket`, one connection
+/// attempt) the backend `source` of device `id`: what a restart or a swap does.
+pub fn start_source(
+    id: &str,
+    source: &BackendSource,
+    socket: &Path,
+    base_dir: &Path,
+) -> Result<(Backend, UnixStream), BackendError> {
+    match source {
+        BackendSource::Exec(argv) => {
+            let exe_dir = std::env::current_exe()
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf));
+            let (process, stream) =
+                BackendProcess::spawn(id, argv, exe_dir.as_deref(), base_dir, socket)?;
+            let backend = Backend {
+                socket: socket.to_path_buf(),
+                process: Some(process),
+            };
+            Ok((backend, stream))
+        }
+        BackendSource::Socket(path) => {
+            let path = base_dir.join(path);
+            let stream = connect_with_retry(id, &path, Duration::ZERO)?;
+            Ok((
+                Backend {
+                    socket: path,
+                    process: None,
+                },
+                stream,
+            ))
+        }
+    }
+}
+
+/// "exited with code 3", "was killed by signal 9 (SIGKILL)".
+pub fn describe_status(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with code {code}"),
+        (None, Some(sig)) => format!("was killed by signal {sig} ({})", signal_name(sig)),
+        _ => format!("ended with {status}"),
+    }
+}
+
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGILL => "SIGILL",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGPIPE => "SIGPIPE",
+        _ => "another signal",
     }
 }
 
@@ -297,20 +409,34 @@ impl BackendProcess {
             })?;
         // A socket file left by an earlier run would make the backend's bind fail.
         let _ = std::fs::remove_file(socket);
-        let mut child = Command::new(&program)
+        let mut command = Command::new(&program);
+        command
             .args(argv.iter().skip(1))
             .arg("--socket")
             .arg(socket)
             .current_dir(base_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::inherit())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| BackendError::Spawn {
-                device: device.to_string(),
-                program: program.clone(),
-                source,
-            })?;
+            .stderr(Stdio::piped());
+        // A backend must not outlive a core that is killed (SIGKILL leaves no chance to
+        // stop it): it gets SIGTERM, on which backends flush and exit, when the thread
+        // that spawned it ends (the main thread, or the supervisor at the VM's end).
+        // SAFETY: the closure runs in the child between fork and exec and only calls
+        // prctl, which is async-signal-safe; it touches no memory of the parent.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            command.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().map_err(|source| BackendError::Spawn {
+            device: device.to_string(),
+            program: program.clone(),
+            source,
+        })?;
         let tail = Arc::new(StderrTail::default());
         if let Some(stderr) = child.stderr.take() {
             let (id, t) = (device.to_string(), tail.clone());
@@ -467,6 +593,23 @@ mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
 
+    #[test]
+    fn a_killed_backend_is_described_with_its_signal_and_stderr() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = spawn_socket(dir.path(), "d", 2);
+        assert_eq!(sock, dir.path().join("d.2.sock"));
+        assert_eq!(spawn_socket(dir.path(), "d", 0), dir.path().join("d.sock"));
+        let source = BackendSource::Exec(argv(&["python3", "-c", LISTENER]));
+        let (backend, _stream) = start_source("d", &source, &sock, dir.path()).unwrap();
+        let pid = backend.pid().unwrap();
+        // SAFETY: the pid is our unreaped child.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+        let text = backend.stop_and_describe();
+        assert!(text.contains("killed by signal 9 (SIGKILL)"), "{text}");
+        assert!(text.contains("listening"), "{text}");
+        assert!(!alive(pid));
+    }
+
     /// A stand-in backend: listens on the `--socket` path and waits for one byte.
     const LISTENER: &str = "import socket,sys\n\
         print('listening', file=sys.stderr, flush=True)\n\
@@ -599,6 +742,7 @@ mod tests {
             id: "d".into(),
             kind: plexvm_protocol::spec::DeviceKind::Blk,
             backend: BackendSource::Socket(sock.clone()),
+            restart: Default::default(),
         };
         let (backend, _stream) = start(&config, dir.path(), dir.path()).unwrap();
         assert_eq!(backend.pid(), None);

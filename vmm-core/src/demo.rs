@@ -136,6 +136,7 @@ pub fn run_demo(seed: u64) -> Result<DemoReport, DemoError> {
                 "--image".into(),
                 image.display().to_string(),
             ]),
+            restart: Default::default(),
         }],
         base_dir: dir.path().to_path_buf(),
     };

@@ -3,6 +3,7 @@
 //! device backends running as separate processes, backend supervision, and the
 //! control API. Device logic lives in the backends, never here.
 
+pub mod acpi;
 pub mod api;
 pub mod backend;
 pub mod boot;
@@ -12,6 +13,7 @@ pub mod devices;
 pub mod memory;
 pub mod probe;
 pub mod runner;
+pub mod supervisor;
 pub mod vcpu;
 pub mod vhost_user;
 pub mod virtio;

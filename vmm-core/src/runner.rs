@@ -346,6 +346,12 @@ pub fn prepare(config: VmConfigResolved, serial: SerialOut) -> Result<PreparedVm
     let cmdline = boot::build_cmdline(&config.cmdline, &core_cmdline_entries(&config, &devices))
         .map_err(RunError::Boot)?;
     boot::write_boot_structures(vm.memory(), &cmdline, &kernel, initrd).map_err(RunError::Boot)?;
+    let rsdp = crate::acpi::write_acpi_tables(vm.memory(), config.vcpus, devices.windows())
+        .map_err(|e| RunError::Device {
+            what: "the ACPI tables".into(),
+            source: Box::new(e),
+        })?;
+    boot::set_acpi_rsdp(vm.memory(), rsdp).map_err(RunError::Boot)?;
     let cpuid = vm.supported_cpuid().map_err(RunError::Vm)?;
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for i in 0..config.vcpus {
@@ -443,6 +449,26 @@ impl crate::api::VmController for Controller {
             }
         }
         Ok(self.info())
+    }
+    fn swap_backend(
+        &self,
+        device: &str,
+        source: plexvm_protocol::api::BackendSwapRequest,
+    ) -> Result<plexvm_protocol::api::DeviceInfo, crate::api::ControlError> {
+        use crate::api::ControlError;
+        use crate::supervisor::SupervisorError;
+        if self.state() == VmState::Stopped {
+            return Err(ControlError::Conflict("the VM has stopped".into()));
+        }
+        self.devices
+            .swap_backend(device, source)
+            .map_err(|e| match e {
+                SupervisorError::NoDevice(_) => ControlError::NotFound(e.to_string()),
+                SupervisorError::Refused { .. } | SupervisorError::Stopped => {
+                    ControlError::Conflict(e.to_string())
+                }
+                SupervisorError::Start(_) => ControlError::Internal(e.to_string()),
+            })
     }
 }
 

@@ -1,16 +1,18 @@
 //! The VM's virtio devices: for each `[[device]]`, its backend (spawned or attached),
 //! vhost-user frontend and virtio-mmio transport, placed on the MMIO bus and announced on
-//! the kernel command line; plus the one event thread that serves them all.
+//! the kernel command line; plus the one event thread that serves them all and the
+//! supervisor that restarts, reconnects and swaps their backends.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use plexvm_protocol::api::DeviceInfo;
-use plexvm_protocol::spec::VmConfigResolved;
+use plexvm_protocol::spec::{BackendSource, VmConfigResolved};
 
 use crate::backend::{self, BackendError};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::MmioDevice;
+use crate::supervisor::{BackendSupervisor, SupervisedDevice, SupervisorError};
 use crate::vhost_user::{FrontendError, VhostUserFrontend};
 use crate::virtio::{
     self, EventLoop, EventLoopError, TransportError, VirtioMmioTransport, MMIO_WINDOW_SIZE,
@@ -42,6 +44,9 @@ pub enum DeviceSetupError {
     /// The transport could not be created.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// The backend supervisor could not start.
+    #[error(transparent)]
+    Supervisor(#[from] SupervisorError),
     /// The MMIO window collides with another device.
     #[error("device {id}: MMIO window")]
     Bus {
@@ -57,7 +62,9 @@ pub enum DeviceSetupError {
 /// event thread.
 #[derive(Debug)]
 pub struct VirtioDevices {
-    // Field order is drop order: transports (and their backends) before the event thread.
+    // Field order is drop order: the supervisor first (so nothing is restarted while the
+    // VM ends), then the transports (and their backends), then the event thread.
+    supervisor: Option<BackendSupervisor>,
     transports: Vec<Arc<Mutex<VirtioMmioTransport>>>,
     windows: Vec<(u64, u32)>,
     _events: Option<EventLoop>,
@@ -77,6 +84,7 @@ impl VirtioDevices {
         }
         if config.devices.is_empty() {
             return Ok(VirtioDevices {
+                supervisor: None,
                 transports: Vec::new(),
                 windows: Vec::new(),
                 _events: None,
@@ -111,7 +119,21 @@ impl VirtioDevices {
             transports.push(transport);
             windows.push((base, gsi));
         }
+        let supervised = transports
+            .iter()
+            .zip(&config.devices)
+            .map(|(t, d)| SupervisedDevice {
+                transport: t.clone(),
+                config: d.clone(),
+            })
+            .collect();
+        let supervisor = BackendSupervisor::start(
+            supervised,
+            runtime_dir.to_path_buf(),
+            config.base_dir.clone(),
+        )?;
         Ok(VirtioDevices {
+            supervisor: Some(supervisor),
             transports,
             windows,
             _events: Some(events),
@@ -135,7 +157,32 @@ impl VirtioDevices {
     pub fn info(&self) -> Vec<DeviceInfo> {
         self.transports
             .iter()
-            .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).info())
+            .enumerate()
+            .map(|(i, t)| {
+                let mut info = t.lock().unwrap_or_else(|e| e.into_inner()).info();
+                if let Some(s) = &self.supervisor {
+                    s.health(i).fill(&mut info);
+                }
+                info
+            })
             .collect()
+    }
+
+    /// Hands device `id` to the backend `source` (`PUT /devices/{id}/backend`) and
+    /// returns the device as it is then.
+    pub fn swap_backend(
+        &self,
+        id: &str,
+        source: BackendSource,
+    ) -> Result<DeviceInfo, SupervisorError> {
+        let supervisor = self
+            .supervisor
+            .as_ref()
+            .ok_or_else(|| SupervisorError::NoDevice(id.to_string()))?;
+        supervisor.swap(id, source)?;
+        self.info()
+            .into_iter()
+            .find(|d| d.id == id)
+            .ok_or_else(|| SupervisorError::NoDevice(id.to_string()))
     }
 }

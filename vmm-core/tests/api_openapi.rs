@@ -8,7 +8,7 @@ use plexvm::api::endpoints;
 use plexvm_protocol::api::{
     ApiError, BackendState, DeviceInfo, RequestedState, VmInfo, VmState, VmStateRequest,
 };
-use plexvm_protocol::spec::DeviceKind;
+use plexvm_protocol::spec::{BackendSource, DeviceKind};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -111,6 +111,14 @@ fn sample_vm() -> VmInfo {
         backend_pid: pid,
         state: BackendState::Up,
         activated: true,
+        restarts: 3,
+        failed_restarts: 1,
+        last_exit: pid
+            .map(|_| "backend plexvm-blk (pid 6) was killed by signal 9 (SIGKILL)".into()),
+        down_ms: 40,
+        last_stall_ms: pid.map(|_| 12),
+        inflight_tracking: pid.is_some(),
+        inflight_state_known: true,
     };
     VmInfo {
         name: "vm0".into(),
@@ -188,6 +196,27 @@ fn request_and_error_schemas_match_the_serde_types() {
     check(&doc, schema(&doc, "ApiError"), &to_json(&error), "ApiError");
 }
 
+#[test]
+fn backend_swap_request_schema_lists_each_variant() {
+    let doc = openapi();
+    let one_of = schema(&doc, "BackendSwapRequest")["oneOf"]
+        .as_array()
+        .expect("BackendSwapRequest is a oneOf");
+    let samples = [
+        BackendSource::Exec(vec!["plexvm-blk".into(), "--image".into(), "d.raw".into()]),
+        BackendSource::Socket(PathBuf::from("/run/qsd.sock")),
+    ];
+    assert_eq!(one_of.len(), samples.len());
+    for (i, (variant, sample)) in one_of.iter().zip(&samples).enumerate() {
+        check(
+            &doc,
+            variant,
+            &to_json(sample),
+            &format!("BackendSwapRequest[{i}]"),
+        );
+    }
+}
+
 /// Serialized names of all variants; the `match` stops compiling when a variant is added,
 /// which is the cue to add it to the list beside it (and to openapi.yaml).
 fn names<T: Serialize>(all: &[T]) -> BTreeSet<String> {
@@ -230,10 +259,14 @@ fn all_backend_states() -> Vec<BackendState> {
         BackendState::Up,
         BackendState::Down,
         BackendState::Reconnecting,
+        BackendState::Failed,
     ];
     for s in &all {
         match s {
-            BackendState::Up | BackendState::Down | BackendState::Reconnecting => {}
+            BackendState::Up
+            | BackendState::Down
+            | BackendState::Reconnecting
+            | BackendState::Failed => {}
         }
     }
     all

@@ -8,11 +8,13 @@
 
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use plexvm::backend;
 use plexvm::devices::MmioDevice;
 use plexvm::memory::{create_guest_memory, GuestMemory};
+use plexvm::supervisor::{BackendSupervisor, SupervisedDevice};
 use plexvm::vhost_user::VhostUserFrontend;
 use plexvm::virtio::{default_queue_count, status, EventLoop, VirtioMmioTransport};
 use plexvm_protocol::api::BackendState;
@@ -49,7 +51,8 @@ fn plexvm_blk() -> PathBuf {
 }
 
 struct Device {
-    transport: VirtioMmioTransport,
+    transport: Arc<Mutex<VirtioMmioTransport>>,
+    config: DeviceConfig,
     mem: GuestMemory,
     // Dropped after the transport's backend: keeps the image and socket folder alive.
     _events: EventLoop,
@@ -58,14 +61,18 @@ struct Device {
 }
 
 impl Device {
+    fn t(&self) -> MutexGuard<'_, VirtioMmioTransport> {
+        self.transport.lock().unwrap()
+    }
+
     fn r(&mut self, offset: u64) -> u32 {
         let mut data = [0u8; 4];
-        self.transport.mmio_read(offset, &mut data);
+        self.t().mmio_read(offset, &mut data);
         u32::from_le_bytes(data)
     }
 
     fn w(&mut self, offset: u64, value: u32) {
-        self.transport.mmio_write(offset, &value.to_le_bytes());
+        self.t().mmio_write(offset, &value.to_le_bytes());
     }
 
     fn image(&self) -> PathBuf {
@@ -90,6 +97,7 @@ fn start_device() -> Device {
             // Relative: the backend runs in the spec's folder.
             "disk.raw".into(),
         ]),
+        restart: Default::default(),
     };
     let (backend, stream) = backend::start(&config, dir.path(), dir.path()).unwrap();
     let frontend =
@@ -103,7 +111,8 @@ fn start_device() -> Device {
     let events = EventLoop::start().unwrap();
     events.add(transport.event_handler().unwrap()).unwrap();
     Device {
-        transport,
+        transport: Arc::new(Mutex::new(transport)),
+        config,
         mem,
         _events: events,
         _vm: vm,
@@ -152,7 +161,7 @@ fn driver_init(d: &mut Device) {
         features_ok | status::DRIVER_OK,
         "no DEVICE_NEEDS_RESET"
     );
-    assert!(d.transport.info().activated);
+    assert!(d.t().info().activated);
 }
 
 fn write_desc(mem: &GuestMemory, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
@@ -216,7 +225,7 @@ fn wait_for_interrupt(d: &mut Device) {
 #[test]
 fn blk_requests_reach_the_image_and_complete_with_an_interrupt() {
     let mut d = start_device();
-    let info = d.transport.info();
+    let info = d.t().info();
     assert_eq!(info.state, BackendState::Up);
     assert!(info.backend_pid.is_some());
     assert_eq!(d.r(0x08), 2, "virtio-blk device ID");
@@ -242,7 +251,7 @@ fn blk_requests_reach_the_image_and_complete_with_an_interrupt() {
     // Reset stops the ring; the device can be brought up again on fresh rings.
     d.w(0x70, 0);
     assert_eq!(d.r(0x70), 0);
-    assert!(!d.transport.info().activated);
+    assert!(!d.t().info().activated);
     driver_init(&mut d);
     block_request(&mut d, 0, VIRTIO_BLK_T_IN, 2);
     d.mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
@@ -250,16 +259,44 @@ fn blk_requests_reach_the_image_and_complete_with_an_interrupt() {
 }
 
 #[test]
-fn a_backend_that_dies_is_reported_down() {
-    let d = start_device();
-    let pid = d.transport.info().backend_pid.unwrap();
+fn a_killed_backend_is_restarted_and_serves_the_rings_the_driver_set_up() {
+    let mut d = start_device();
+    driver_init(&mut d);
+    d.mem
+        .write_slice(&[0xcd; SECTOR as usize], GuestAddress(DATA))
+        .unwrap();
+    block_request(&mut d, 0, VIRTIO_BLK_T_OUT, 3);
+    let supervisor = BackendSupervisor::start(
+        vec![SupervisedDevice {
+            transport: d.transport.clone(),
+            config: d.config.clone(),
+        }],
+        d.dir.path().to_path_buf(),
+        d.dir.path().to_path_buf(),
+    )
+    .unwrap();
+    let pid = d.t().info().backend_pid.unwrap();
     // SAFETY: the pid is the transport's unreaped child.
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while d.transport.info().state != BackendState::Down {
-        assert!(Instant::now() < deadline, "backend death not noticed");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    // A request queued at once waits in the kick eventfd (or on the used index the new
+    // backend starts from) and is served by the restarted backend.
+    d.mem
+        .write_slice(&[0u8; SECTOR as usize], GuestAddress(DATA))
+        .unwrap();
+    block_request(&mut d, 1, VIRTIO_BLK_T_IN, 3);
+    let mut data = [0u8; SECTOR as usize];
+    d.mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+    assert_eq!(data, [0xcd; SECTOR as usize]);
+    let mut info = d.t().info();
+    supervisor.health(0).fill(&mut info);
+    assert_eq!(info.state, BackendState::Up);
+    assert_eq!(info.restarts, 1);
+    assert_ne!(info.backend_pid, Some(pid));
+    assert!(info.inflight_tracking, "plexvm-blk offers INFLIGHT_SHMFD");
+    assert!(info.inflight_state_known);
+    let why = info.last_exit.unwrap_or_default();
+    assert!(why.contains("SIGKILL"), "{why}");
+    drop(supervisor);
 }
 
 #[test]
@@ -280,7 +317,7 @@ fn a_ring_outside_ram_fails_the_device_not_the_core() {
     d.w(0x70, features_ok | status::DRIVER_OK);
     assert_ne!(d.r(0x70) & status::DEVICE_NEEDS_RESET, 0);
     assert_eq!(d.r(0x60) & 2, 2, "configuration-change interrupt");
-    assert!(!d.transport.info().activated);
+    assert!(!d.t().info().activated);
     // Reset recovers the device.
     d.w(0x70, 0);
     driver_init(&mut d);

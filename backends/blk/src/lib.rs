@@ -10,10 +10,16 @@
 //! - [`disk`]: the image file and its I/O primitives;
 //! - [`request`]: virtio-blk request parsing and execution (no sockets, unit-tested);
 //! - [`vhu_blk`]: the `VhostUserBackend` implementation (features, config space, queues);
+//! - [`inflight`]: the in-flight region (INFLIGHT_SHMFD) that lets a restarted backend
+//!   resubmit the requests its predecessor died with; [`chain`] reads their chains;
+//! - [`proxy`]: answers GET/SET_INFLIGHT_FD in front of vhost-user-backend;
 //! - [`server`]: the listener, per-connection daemons and shutdown.
 
+pub mod chain;
 pub mod config;
 pub mod disk;
+pub mod inflight;
+pub mod proxy;
 pub mod request;
 pub mod server;
 pub mod vhu_blk;

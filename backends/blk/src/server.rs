@@ -22,6 +22,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC, EFD_NONBLOCK};
 
 use crate::config::BlockConfig;
 use crate::disk::{Disk, DiskError, DiskOptions};
+use crate::proxy::ConnectionProxy;
 use crate::request::BlockDevice;
 use crate::vhu_blk::{QueueLayout, VhostUserBlk, VhostUserBlkError};
 
@@ -214,13 +215,24 @@ impl BlockServer {
         Ok(epoll)
     }
 
-    /// Accepts the pending connection and serves it until it ends.
+    /// Accepts the pending connection and serves it until it ends. The connection goes
+    /// through a [`ConnectionProxy`], which answers GET/SET_INFLIGHT_FD itself.
     fn serve_connection(&mut self, shutdown: &Shutdown) -> Result<(), ServerError> {
+        let stream = match self.listener.accept() {
+            Ok(Some(stream)) => stream,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                tracing::warn!("cannot accept a connection: {e}");
+                return Ok(());
+            }
+        };
         let backend = Arc::new(VhostUserBlk::new(self.device.clone(), self.layout)?);
+        let (proxy, daemon_side) = ConnectionProxy::start(stream, backend.clone())
+            .map_err(|e| ServerError::Daemon(e.to_string()))?;
         let mut daemon =
             VhostUserDaemon::new("plexvm-blk".to_owned(), backend.clone(), backend.memory())
                 .map_err(|e| ServerError::Daemon(e.to_string()))?;
-        let result = match daemon.start(&mut self.listener) {
+        let result = match daemon.start(&mut Listener::from(daemon_side)) {
             Ok(()) => {
                 tracing::info!("frontend connected");
                 shutdown.set_connection(daemon.shutdown_handle());
@@ -230,6 +242,7 @@ impl BlockServer {
             }
             Err(e) => Err(e),
         };
+        drop(proxy);
         // Dropping the daemon stops and joins the queue workers.
         drop(daemon);
         // SAFETY: the daemon built on `backend` is dropped, so its workers are joined.

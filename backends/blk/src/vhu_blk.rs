@@ -5,16 +5,20 @@
 //! as long as the process. Each queue gets its own worker thread (`queues_per_thread`
 //! holds one bit per thread).
 //!
-//! In-flight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) is not offered:
-//! vhost-user-backend 0.24 answers GET/SET_INFLIGHT_FD with an error, so supporting it
-//! means handling those two messages in front of its handler and recording each popped
-//! head in the shared region before `BlockDevice::process` and clearing it after
-//! `add_used` in [`VhostUserBlk::process_queue`].
+//! In-flight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) is offered: the two
+//! messages are answered by [`crate::proxy`] through this type's
+//! [`InflightHandler`] implementation, each popped head is marked in the region before
+//! `BlockDevice::process` and cleared after `add_used`, and the first time a queue runs
+//! after SET_INFLIGHT_FD the heads a dead predecessor left in flight are resubmitted in
+//! the order they were fetched. GET_VRING_BASE waits for the request a worker is
+//! executing ([`VhostUserBackend::stop_vring`]), so the base it returns has nothing in
+//! flight behind it.
 
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -25,13 +29,15 @@ use virtio_bindings::virtio_blk::{
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
 use crate::disk::SECTOR_SIZE;
+use crate::inflight::InflightRegion;
+use crate::proxy::{InflightGeometry, InflightHandler};
 use crate::request::{BlockDevice, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS};
 
 /// Guest memory as the vring workers see it.
@@ -78,6 +84,11 @@ pub struct VhostUserBlk {
     ring_errors: AtomicU64,
     exit_events: Vec<Mutex<ExitEvent>>,
     leaked_exit_fds: Mutex<Vec<RawFd>>,
+    inflight: RwLock<Option<Arc<InflightRegion>>>,
+    /// Per queue: resubmit from the in-flight region before the next pop.
+    recover: Vec<AtomicBool>,
+    /// Per queue: held while its worker moves requests (GET_VRING_BASE waits on it).
+    busy: Vec<Mutex<()>>,
 }
 
 impl VhostUserBlk {
@@ -97,6 +108,9 @@ impl VhostUserBlk {
             ring_errors: AtomicU64::new(0),
             exit_events,
             leaked_exit_fds: Mutex::new(Vec::new()),
+            inflight: RwLock::new(None),
+            recover: (0..layout.queues).map(|_| AtomicBool::new(false)).collect(),
+            busy: (0..layout.queues).map(|_| Mutex::new(())).collect(),
         })
     }
 
@@ -128,10 +142,28 @@ impl VhostUserBlk {
         }
     }
 
-    /// Serves every available request of `vring`, then notifies the driver if it wants.
-    fn process_queue(&self, vring: &VringRwLock<GuestMemory>) {
+    fn region(&self) -> Option<Arc<InflightRegion>> {
+        self.inflight
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Serves every available request of queue `queue` (`vring`), then notifies the
+    /// driver if it wants.
+    fn process_queue(&self, queue: u16, vring: &VringRwLock<GuestMemory>) {
+        let Some(busy) = self.busy.get(usize::from(queue)) else {
+            return;
+        };
+        let _busy = busy.lock().unwrap_or_else(PoisonError::into_inner);
         let mem = self.mem.memory();
+        let region = self.region();
         let mut used_any = false;
+        if let Some(r) = &region {
+            if self.recover[usize::from(queue)].swap(false, Ordering::AcqRel) {
+                used_any = self.resubmit(queue, vring, r, &mem);
+            }
+        }
         loop {
             let chain = vring
                 .get_mut()
@@ -139,20 +171,88 @@ impl VhostUserBlk {
                 .pop_descriptor_chain(mem.clone());
             let Some(chain) = chain else { break };
             let head = chain.head_index();
+            if let Some(r) = &region {
+                r.set_inflight(queue, head);
+            }
             let completion = self.device.process(&mem, chain);
-            if let Err(e) = vring.add_used(head, completion.used_len) {
-                // A used ring outside guest memory: the guest's fault, so rate-limited.
-                let count = self.ring_errors.fetch_add(1, Ordering::Relaxed) + 1;
-                if count.is_power_of_two() {
-                    tracing::warn!(count, "cannot put used element {head}: {e}");
-                }
+            if !self.complete(queue, vring, region.as_deref(), head, completion.used_len) {
                 break;
             }
             used_any = true;
         }
-        if !used_any {
-            return;
+        if used_any {
+            self.notify(vring);
         }
+    }
+
+    /// Puts `head` in the used ring, keeping the in-flight region in step; false when the
+    /// used ring cannot be written.
+    fn complete(
+        &self,
+        queue: u16,
+        vring: &VringRwLock<GuestMemory>,
+        region: Option<&InflightRegion>,
+        head: u16,
+        len: u32,
+    ) -> bool {
+        if let Some(r) = region {
+            r.prepare_used(queue, head);
+        }
+        if let Err(e) = vring.add_used(head, len) {
+            // A used ring outside guest memory: the guest's fault, so rate-limited.
+            let count = self.ring_errors.fetch_add(1, Ordering::Relaxed) + 1;
+            if count.is_power_of_two() {
+                tracing::warn!(count, "cannot put used element {head}: {e}");
+            }
+            return false;
+        }
+        if let Some(r) = region {
+            r.commit_used(queue, head, vring.get_ref().get_queue().next_used());
+        }
+        true
+    }
+
+    /// Executes again, in fetch order, the requests a previous backend took from the
+    /// avail ring of `queue` and never completed, and moves the ring's next index past
+    /// them (vhost-user spec, "Inflight I/O tracking", "When reconnecting").
+    fn resubmit(
+        &self,
+        queue: u16,
+        vring: &VringRwLock<GuestMemory>,
+        region: &InflightRegion,
+        mem: &GuestMemoryMmap,
+    ) -> bool {
+        let Ok(used) = vring.queue_used_idx() else {
+            return false;
+        };
+        let heads = region.recover(queue, used);
+        vring.set_queue_next_avail(used.wrapping_add(heads.len() as u16));
+        vring.set_queue_next_used(used);
+        if !heads.is_empty() {
+            tracing::info!(
+                queue,
+                count = heads.len(),
+                "resubmitting in-flight requests"
+            );
+        }
+        let (table, size) = {
+            let state = vring.get_ref();
+            let q = state.get_queue();
+            (GuestAddress(q.desc_table()), q.size())
+        };
+        let mut used_any = false;
+        for head in heads {
+            let descriptors = crate::chain::descriptors(mem, table, size, head);
+            let completion = self.device.process(mem, descriptors);
+            if !self.complete(queue, vring, Some(region), head, completion.used_len) {
+                break;
+            }
+            used_any = true;
+        }
+        used_any
+    }
+
+    fn notify(&self, vring: &VringRwLock<GuestMemory>) {
         match vring.needs_notification() {
             Ok(true) => {
                 if let Err(e) = vring.signal_used_queue() {
@@ -224,6 +324,16 @@ impl VhostUserBackend for VhostUserBlk {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        // GET_VRING_BASE has made the queue not ready, so its worker pops nothing more;
+        // wait for the request it may be executing to reach the used ring.
+        if let Some(busy) = self.busy.get(queue_index as usize) {
+            drop(busy.lock().unwrap_or_else(PoisonError::into_inner));
+        }
+        Ok(())
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -280,7 +390,7 @@ impl VhostUserBackend for VhostUserBlk {
         device_event: u16,
         evset: EventSet,
         vrings: &[Self::Vring],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
         // An error here would end the worker thread for good, so nothing the guest can
         // cause is returned as one.
@@ -292,8 +402,10 @@ impl VhostUserBackend for VhostUserBlk {
             tracing::warn!("event for unknown queue {device_event}");
             return Ok(());
         };
+        // One worker per queue (`queues_per_thread`): the thread index is the queue's.
+        let queue = thread_id as u16;
         if !self.event_idx.load(Ordering::Acquire) {
-            self.process_queue(vring);
+            self.process_queue(queue, vring);
             return Ok(());
         }
         // EVENT_IDX (virtio 1.2, 2.7.10): with notifications off, drain; turn them back
@@ -302,7 +414,7 @@ impl VhostUserBackend for VhostUserBlk {
             if let Err(e) = vring.disable_notification() {
                 tracing::warn!("cannot disable queue notifications: {e}");
             }
-            self.process_queue(vring);
+            self.process_queue(queue, vring);
             match vring.enable_notification() {
                 Ok(true) => continue,
                 Ok(false) => break,
@@ -313,6 +425,49 @@ impl VhostUserBackend for VhostUserBlk {
             }
         }
         Ok(())
+    }
+}
+
+impl InflightHandler for VhostUserBlk {
+    fn get_inflight_fd(&self, num_queues: u16, queue_size: u16) -> io::Result<(File, u64)> {
+        let (region, file, size) =
+            InflightRegion::create(num_queues, queue_size).map_err(io::Error::other)?;
+        self.install(region);
+        Ok((file, size))
+    }
+
+    fn set_inflight_fd(&self, file: File, g: InflightGeometry) -> io::Result<()> {
+        let region = InflightRegion::open(
+            &file,
+            g.mmap_offset,
+            g.mmap_size,
+            g.num_queues,
+            g.queue_size,
+        )
+        .map_err(io::Error::other)?;
+        self.install(region);
+        Ok(())
+    }
+}
+
+impl VhostUserBlk {
+    /// Uses `region` from now on; every queue checks it for requests to resubmit before
+    /// it pops the next one.
+    fn install(&self, region: InflightRegion) {
+        if region.queues() < self.layout.queues {
+            tracing::warn!(
+                "the in-flight region covers {} of {} queues",
+                region.queues(),
+                self.layout.queues
+            );
+        }
+        *self
+            .inflight
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(region));
+        for flag in &self.recover {
+            flag.store(true, Ordering::Release);
+        }
     }
 }
 

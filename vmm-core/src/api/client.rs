@@ -9,7 +9,10 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use plexvm_protocol::api::{ApiError, RequestedState, VmInfo, VmStateRequest};
+use plexvm_protocol::api::{
+    ApiError, BackendSwapRequest, DeviceInfo, RequestedState, VmInfo, VmStateRequest,
+};
+use plexvm_protocol::spec::BackendSource;
 
 use super::http::{self, HttpError};
 
@@ -94,6 +97,18 @@ impl ApiClient {
         serde_json::from_slice(&body).map_err(ClientError::BadBody)
     }
 
+    /// `PUT /devices/{id}/backend`: hands device `id` to the backend `source`; returns
+    /// the device as it is after the swap.
+    pub fn swap_backend(
+        &self,
+        id: &str,
+        source: &BackendSwapRequest,
+    ) -> Result<DeviceInfo, ClientError> {
+        let json = serde_json::to_vec(source).map_err(ClientError::BadBody)?;
+        let body = self.request("PUT", &format!("/devices/{id}/backend"), Some(&json))?;
+        serde_json::from_slice(&body).map_err(ClientError::BadBody)
+    }
+
     /// Sends one request and returns the body of a 2xx response; other statuses become
     /// [`ClientError::Api`].
     pub fn request(
@@ -154,7 +169,7 @@ pub struct CtlArgs {
 }
 
 /// The `plexvm ctl` subcommands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Subcommand)]
+#[derive(Debug, Clone, PartialEq, Eq, clap::Subcommand)]
 pub enum CtlCommand {
     /// Print the VM's state and devices as JSON.
     Status,
@@ -164,15 +179,50 @@ pub enum CtlCommand {
     Resume,
     /// Stop the VM (the `plexvm` process exits).
     Stop,
+    /// Hand a device to another backend (the old one is stopped once the new one
+    /// serves) and print the device as JSON.
+    Swap {
+        /// The device id.
+        id: String,
+        /// Spawn this backend: program and arguments, as a spec's `exec` (the core
+        /// appends `--socket`); everything after `--exec` belongs to it.
+        #[arg(
+            long,
+            num_args = 1..,
+            allow_hyphen_values = true,
+            conflicts_with = "socket",
+            required_unless_present = "socket"
+        )]
+        exec: Option<Vec<String>>,
+        /// Attach to the backend listening on this socket.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
+}
+
+/// The backend a `swap` command names (a relative socket path is taken from the
+/// current directory).
+fn swap_source(exec: &Option<Vec<String>>, socket: &Option<PathBuf>) -> BackendSource {
+    match (exec, socket) {
+        (Some(argv), _) => BackendSource::Exec(argv.clone()),
+        (None, Some(path)) => {
+            BackendSource::Socket(std::path::absolute(path).unwrap_or_else(|_| path.clone()))
+        }
+        (None, None) => BackendSource::Exec(Vec::new()),
+    }
 }
 
 /// Runs a `plexvm ctl` command and returns what to print: the pretty JSON of the VM for
 /// `status`, one line with the new state for the others.
 pub fn run_ctl(args: &CtlArgs) -> Result<String, ClientError> {
     let client = ApiClient::new(&args.api);
-    let requested = match args.command {
+    let requested = match &args.command {
         CtlCommand::Status => {
             let info = client.get_vm()?;
+            return serde_json::to_string_pretty(&info).map_err(ClientError::BadBody);
+        }
+        CtlCommand::Swap { id, exec, socket } => {
+            let info = client.swap_backend(id, &swap_source(exec, socket))?;
             return serde_json::to_string_pretty(&info).map_err(ClientError::BadBody);
         }
         CtlCommand::Pause => RequestedState::Paused,
@@ -213,6 +263,37 @@ mod tests {
             assert_eq!(cli.ctl.command, command);
         }
         assert!(Cli::try_parse_from(["ctl", "pause"]).is_err());
+        let cli = Cli::try_parse_from([
+            "ctl",
+            "--api",
+            "s",
+            "swap",
+            "disk0",
+            "--exec",
+            "plexvm-blk",
+            "--image",
+            "d.raw",
+        ])
+        .unwrap();
+        let CtlCommand::Swap { id, exec, socket } = &cli.ctl.command else {
+            panic!("not a swap: {:?}", cli.ctl.command);
+        };
+        assert_eq!(id, "disk0");
+        assert_eq!(
+            swap_source(exec, socket),
+            BackendSource::Exec(vec!["plexvm-blk".into(), "--image".into(), "d.raw".into()])
+        );
+        let cli =
+            Cli::try_parse_from(["ctl", "--api", "s", "swap", "d", "--socket", "/q.sock"]).unwrap();
+        let CtlCommand::Swap { exec, socket, .. } = &cli.ctl.command else {
+            panic!("not a swap");
+        };
+        assert_eq!(
+            swap_source(exec, socket),
+            BackendSource::Socket("/q.sock".into())
+        );
+        assert!(Cli::try_parse_from(["ctl", "--api", "s", "swap", "d"]).is_err());
+        assert!(Cli::try_parse_from(["ctl", "--api", "s", "swap", "d", "--exec"]).is_err());
         assert!(Cli::try_parse_from(["ctl", "--api", "s", "fly"]).is_err());
     }
 

@@ -7,8 +7,10 @@
 //! with [`endpoints`] and those types.
 //!
 //! ```text
-//! GET /vm                 -> 200 VmInfo
-//! PUT /vm/state {"state"} -> 200 VmInfo | 400 | 409 ApiError
+//! GET /vm                            -> 200 VmInfo
+//! PUT /vm/state {"state"}            -> 200 VmInfo | 400 | 409 ApiError
+//! PUT /devices/{id}/backend {"exec"|"socket"}
+//!                                    -> 200 DeviceInfo | 400 | 404 | 409 ApiError
 //! ```
 //!
 //! The client side ([`ApiClient`], and `plexvm ctl` through [`CtlArgs`] / [`run_ctl`])
@@ -19,7 +21,7 @@ mod http;
 mod router;
 pub mod server;
 
-use plexvm_protocol::api::{RequestedState, VmInfo};
+use plexvm_protocol::api::{BackendSwapRequest, DeviceInfo, RequestedState, VmInfo};
 
 pub use client::{run_ctl, ApiClient, ClientError, CtlArgs, CtlCommand};
 pub use http::HttpError;
@@ -37,6 +39,19 @@ pub trait VmController: Send + Sync {
     /// start the stop and return, so that the client gets its answer before the
     /// process exits.
     fn set_state(&self, requested: RequestedState) -> Result<VmInfo, ControlError>;
+
+    /// Hands device `device` to the backend `source` (`PUT /devices/{id}/backend`):
+    /// the new backend is started, the old one quiesced and stopped once the new one
+    /// serves. Returns the device as it is then. Blocks the API thread for as long as
+    /// the swap takes (a backend start, a few vhost-user round trips).
+    fn swap_backend(
+        &self,
+        device: &str,
+        source: BackendSwapRequest,
+    ) -> Result<DeviceInfo, ControlError> {
+        let _ = source;
+        Err(ControlError::NotFound(format!("no device {device:?}")))
+    }
 }
 
 /// Why a [`VmController`] refused or failed a request.
@@ -49,4 +64,11 @@ pub enum ControlError {
     /// The VM failed to carry out the request (HTTP 500).
     #[error("{0}")]
     Internal(String),
+    /// What the request names does not exist (HTTP 404), e.g. an unknown device id.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is well-formed but unusable (HTTP 400), e.g. a backend program that
+    /// cannot be started.
+    #[error("{0}")]
+    BadRequest(String),
 }

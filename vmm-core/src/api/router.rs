@@ -4,7 +4,8 @@
 
 use std::panic::{self, AssertUnwindSafe};
 
-use plexvm_protocol::api::VmStateRequest;
+use plexvm_protocol::api::{BackendSwapRequest, VmStateRequest};
+use plexvm_protocol::spec::BackendSource;
 
 use super::http::{Request, Response};
 use super::{ControlError, VmController};
@@ -13,7 +14,6 @@ use super::{ControlError, VmController};
 pub(crate) struct Context<'a> {
     pub(crate) controller: &'a dyn VmController,
     /// Captured `{name}` path segments, in pattern order.
-    #[allow(dead_code)] // used by the first endpoint with a path parameter
     pub(crate) params: Vec<(&'static str, &'a str)>,
     pub(crate) body: &'a [u8],
 }
@@ -36,6 +36,11 @@ const ENDPOINTS: &[Endpoint] = &[
         method: "PUT",
         path: "/vm/state",
         handler: put_vm_state,
+    },
+    Endpoint {
+        method: "PUT",
+        path: "/devices/{id}/backend",
+        handler: put_device_backend,
     },
 ];
 
@@ -112,6 +117,8 @@ fn control_error(e: ControlError) -> Response {
     match e {
         ControlError::Conflict(m) => Response::error(409, m),
         ControlError::Internal(m) => Response::error(500, m),
+        ControlError::NotFound(m) => Response::error(404, m),
+        ControlError::BadRequest(m) => Response::error(400, m),
     }
 }
 
@@ -130,10 +137,37 @@ fn put_vm_state(context: &Context<'_>) -> Response {
     }
 }
 
+fn put_device_backend(context: &Context<'_>) -> Response {
+    let Some(&(_, id)) = context.params.iter().find(|(name, _)| *name == "id") else {
+        return Response::error(404, "no device id in the path");
+    };
+    let request: BackendSwapRequest = match serde_json::from_slice(context.body) {
+        Ok(r) => r,
+        Err(e) => return Response::error(400, format!("invalid request body: {e}")),
+    };
+    let empty = match &request {
+        BackendSource::Exec(argv) => argv.first().is_none_or(|p| p.is_empty()),
+        BackendSource::Socket(path) => path.as_os_str().is_empty(),
+    };
+    if empty {
+        return Response::error(
+            400,
+            "invalid request body: `exec` must name a program, `socket` a path",
+        );
+    }
+    match context.controller.swap_backend(id, request) {
+        Ok(info) => Response::json(200, &info),
+        Err(e) => control_error(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use plexvm_protocol::api::{ApiError, RequestedState, VmInfo, VmState};
+    use plexvm_protocol::api::{
+        ApiError, BackendState, DeviceInfo, RequestedState, VmInfo, VmState,
+    };
+    use plexvm_protocol::spec::DeviceKind;
 
     struct Fixed;
 
@@ -155,6 +189,37 @@ mod tests {
                 RequestedState::Running => Err(ControlError::Conflict("not paused".into())),
                 RequestedState::Stopped => panic!("controller bug"),
             }
+        }
+
+        fn swap_backend(
+            &self,
+            device: &str,
+            source: BackendSwapRequest,
+        ) -> Result<DeviceInfo, ControlError> {
+            if device != "disk0" {
+                return Err(ControlError::NotFound(format!("no device {device:?}")));
+            }
+            let socket = match source {
+                BackendSource::Socket(p) => p,
+                BackendSource::Exec(_) => return Err(ControlError::BadRequest("no".into())),
+            };
+            Ok(DeviceInfo {
+                id: device.into(),
+                kind: DeviceKind::Blk,
+                mmio_base: 0,
+                irq: 5,
+                socket,
+                backend_pid: None,
+                state: BackendState::Up,
+                activated: true,
+                restarts: 0,
+                failed_restarts: 0,
+                last_exit: None,
+                down_ms: 0,
+                last_stall_ms: None,
+                inflight_tracking: false,
+                inflight_state_known: true,
+            })
         }
     }
 
@@ -224,6 +289,42 @@ mod tests {
             assert_eq!(resp.status(), 400, "{body}");
             assert!(message(&resp).starts_with("invalid request body"));
         }
+    }
+
+    #[test]
+    fn backend_swap_takes_exec_or_socket_and_names_the_device() {
+        let resp = request(
+            "PUT",
+            "/devices/disk0/backend",
+            r#"{"socket":"/run/q.sock"}"#,
+        );
+        assert_eq!(resp.status(), 200);
+        let info: DeviceInfo = serde_json::from_slice(resp.body()).unwrap();
+        assert_eq!(info.socket, std::path::PathBuf::from("/run/q.sock"));
+        let resp = request("PUT", "/devices/disk9/backend", r#"{"socket":"/s"}"#);
+        assert_eq!(resp.status(), 404);
+        assert!(message(&resp).contains("disk9"));
+        let resp = request(
+            "PUT",
+            "/devices/disk0/backend",
+            r#"{"exec":["plexvm-blk"]}"#,
+        );
+        assert_eq!(resp.status(), 400);
+        for body in [
+            "",
+            "{}",
+            r#"{"exec":[]}"#,
+            r#"{"exec":[""]}"#,
+            r#"{"socket":""}"#,
+            r#"{"socket":"a","exec":["b"]}"#,
+            r#"{"tcp":"x"}"#,
+            r#"{"socket":1}"#,
+        ] {
+            let resp = request("PUT", "/devices/disk0/backend", body);
+            assert_eq!(resp.status(), 400, "{body}");
+            assert!(message(&resp).starts_with("invalid request body"), "{body}");
+        }
+        assert_eq!(request("GET", "/devices/disk0/backend", "").status(), 405);
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! [`VhostUserFrontend`]: bring-up, activation and stop of one vhost-user backend.
 
+use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight};
 use vhost::vhost_user::{Frontend, VhostUserFrontend as _, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion, MemoryRegionAddress};
@@ -14,11 +15,32 @@ use crate::virtio::state::{DeviceState, QueueState};
 use crate::virtio::{MAX_QUEUES, VHOST_USER_F_PROTOCOL_FEATURES};
 
 /// The protocol features the core uses when a backend offers them: MQ (GET_QUEUE_NUM),
-/// CONFIG (config space through GET/SET_CONFIG) and REPLY_ACK (every request is
-/// acknowledged, so a failure is reported at the message that caused it).
+/// CONFIG (config space through GET/SET_CONFIG), REPLY_ACK (every request is
+/// acknowledged, so a failure is reported at the message that caused it) and
+/// INFLIGHT_SHMFD (the backend keeps its in-flight requests in a buffer the core holds
+/// across backend restarts, so a crash loses none).
 pub const SUPPORTED_PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
     .union(VhostUserProtocolFeatures::CONFIG)
-    .union(VhostUserProtocolFeatures::REPLY_ACK);
+    .union(VhostUserProtocolFeatures::REPLY_ACK)
+    .union(VhostUserProtocolFeatures::INFLIGHT_SHMFD);
+
+/// The in-flight buffer of a device (vhost-user spec, "Inflight I/O tracking"): created
+/// by a backend with GET_INFLIGHT_FD, kept by the core and handed to every backend that
+/// serves the device after it (SET_INFLIGHT_FD). Its content is the backends' business.
+pub struct InflightBuffer {
+    file: File,
+    info: VhostUserInflight,
+}
+
+impl std::fmt::Debug for InflightBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InflightBuffer")
+            .field("mmap_size", &self.info.mmap_size)
+            .field("num_queues", &self.info.num_queues)
+            .field("queue_size", &self.info.queue_size)
+            .finish_non_exhaustive()
+    }
+}
 
 /// Errors talking to a vhost-user backend.
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +78,9 @@ pub enum FrontendError {
     /// The transport gave fewer eventfds than started queues.
     #[error("queue {0} has no kick or call eventfd")]
     MissingEventFd(usize),
+    /// GET_INFLIGHT_FD answered with an empty buffer.
+    #[error("the backend gave no in-flight buffer")]
+    NoInflightBuffer,
 }
 
 fn request<T>(request: &'static str, r: vhost::Result<T>) -> Result<T, FrontendError> {
@@ -163,6 +188,43 @@ impl VhostUserFrontend {
         self.inner.as_raw_fd()
     }
 
+    /// Whether the backend has closed its end of the connection (or it broke), without
+    /// waiting: a failed request is then the backend's death, not a refusal.
+    pub fn is_hung_up(&self) -> bool {
+        let mut fds = [libc::pollfd {
+            fd: self.inner.as_raw_fd(),
+            events: libc::POLLRDHUP,
+            revents: 0,
+        }];
+        // SAFETY: `fds` is a valid array of one pollfd for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
+        n > 0 && fds[0].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+    }
+
+    /// Whether the backend tracks in-flight requests (INFLIGHT_SHMFD negotiated).
+    pub fn supports_inflight(&self) -> bool {
+        self.protocol_features
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+    }
+
+    /// Asks the backend for a new in-flight buffer for `queues` queues of `queue_size`
+    /// entries (GET_INFLIGHT_FD).
+    pub fn get_inflight(
+        &mut self,
+        queues: usize,
+        queue_size: u16,
+    ) -> Result<InflightBuffer, FrontendError> {
+        let ask = VhostUserInflight {
+            num_queues: queues.min(MAX_QUEUES) as u16,
+            queue_size,
+            ..Default::default()
+        };
+        let (info, file) = request("GET_INFLIGHT_FD", self.inner.get_inflight_fd(&ask))?;
+        if info.mmap_size == 0 {
+            return Err(FrontendError::NoInflightBuffer);
+        }
+        Ok(InflightBuffer { file, info })
+    }
     /// Whether rings are enabled and disabled explicitly (SET_VRING_ENABLE): when
     /// VHOST_USER_F_PROTOCOL_FEATURES is negotiated (vhost-user spec, "Ring states").
     fn uses_vring_enable(&self) -> bool {
@@ -170,13 +232,14 @@ impl VhostUserFrontend {
     }
 
     /// Gives the backend the call and error eventfd of every queue (SET_VRING_CALL,
-    /// SET_VRING_ERR), the last step of bring-up.
+    /// SET_VRING_ERR), the last step of bring-up. A backend that serves more queues than
+    /// the transport exposes gets eventfds for the exposed ones.
     pub fn set_vring_eventfds(
         &mut self,
         calls: &[EventFd],
         errs: &[EventFd],
     ) -> Result<(), FrontendError> {
-        for i in 0..self.queue_count {
+        for i in 0..self.queue_count.min(calls.len()) {
             let (call, err) = calls
                 .get(i)
                 .zip(errs.get(i))
@@ -230,15 +293,16 @@ impl VhostUserFrontend {
     }
 
     /// Starts the device as the driver set it up (at DRIVER_OK, and when replaying to a
-    /// reconnected backend): SET_FEATURES, SET_MEM_TABLE, then per ready queue
-    /// SET_VRING_NUM/BASE/ADDR/KICK/CALL, then SET_VRING_ENABLE(1) with protocol features.
-    /// Marks each queue handed to the backend as started.
+    /// reconnected backend): SET_FEATURES, SET_INFLIGHT_FD with `inflight`, SET_MEM_TABLE,
+    /// then per ready queue SET_VRING_NUM/BASE/ADDR/KICK/CALL, then SET_VRING_ENABLE(1)
+    /// with protocol features. Marks each queue handed to the backend as started.
     pub fn activate(
         &mut self,
         state: &mut DeviceState,
         mem: &GuestMemory,
         kicks: &[EventFd],
         calls: &[EventFd],
+        inflight: Option<&InflightBuffer>,
     ) -> Result<(), FrontendError> {
         // Check every ring before sending anything, so a bad guest leaves the backend as
         // it was.
@@ -251,6 +315,13 @@ impl VhostUserFrontend {
         let features =
             state.driver_features | (self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES);
         request("SET_FEATURES", self.inner.set_features(features))?;
+        if let Some(buffer) = inflight.filter(|_| self.supports_inflight()) {
+            request(
+                "SET_INFLIGHT_FD",
+                self.inner
+                    .set_inflight_fd(&buffer.info, buffer.file.as_raw_fd()),
+            )?;
+        }
         request(
             "SET_MEM_TABLE",
             self.inner.set_mem_table(&memory_table(mem)?),

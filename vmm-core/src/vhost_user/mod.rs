@@ -8,4 +8,4 @@
 
 mod frontend;
 
-pub use frontend::{FrontendError, VhostUserFrontend, SUPPORTED_PROTOCOL_FEATURES};
+pub use frontend::{FrontendError, InflightBuffer, VhostUserFrontend, SUPPORTED_PROTOCOL_FEATURES};

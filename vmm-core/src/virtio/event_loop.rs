@@ -3,10 +3,11 @@
 //! [`EventLoop`] runs an `event_manager::EventManager` on its own thread; subscribers are
 //! added from any thread through its remote endpoint. [`DeviceEventHandler`] is the
 //! subscriber of one virtio device: backend call eventfd → InterruptStatus bit 0 + irqfd,
-//! backend error eventfd → one log line, socket hang-up or process exit → the backend is
-//! marked down and the exit status logged (its queues stall until a reconnect).
+//! backend error eventfd → one log line. The eventfds belong to the core and outlive any
+//! one backend, so the handler stays registered across restarts and swaps; noticing a
+//! backend that goes away is the supervisor's job ([`crate::supervisor`]).
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -14,13 +15,10 @@ use std::thread::JoinHandle;
 use event_manager::{
     EventManager, EventOps, EventSet, Events, MutEventSubscriber, RemoteEndpoint, SubscriberId,
 };
-use plexvm_protocol::api::BackendState;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::interrupt::InterruptLine;
 use super::registers::INT_VRING;
-use super::SharedBackendState;
-use crate::backend::BackendExitWatch;
 
 /// Errors of the event loop.
 #[derive(Debug, thiserror::Error)]
@@ -125,8 +123,6 @@ fn run(mut manager: EventManager<Subscriber>, stop: &AtomicBool) {
 // Event tokens: the kind in the high 16 bits, the queue index in the low 16.
 const CALL: u32 = 0;
 const ERR: u32 = 1 << 16;
-const SOCKET: u32 = 2 << 16;
-const EXIT: u32 = 3 << 16;
 
 /// The event-loop subscriber of one virtio device (see the module docs).
 #[derive(Debug)]
@@ -135,33 +131,23 @@ pub struct DeviceEventHandler {
     calls: Vec<EventFd>,
     errs: Vec<EventFd>,
     interrupt: Arc<InterruptLine>,
-    socket: OwnedFd,
-    exit: Option<BackendExitWatch>,
-    state: SharedBackendState,
     err_reported: bool,
 }
 
 impl DeviceEventHandler {
     /// A handler for device `device`: `calls` and `errs` are the backend's per-queue call
-    /// and error eventfds, `socket` the vhost-user connection, `exit` the backend process
-    /// when the core spawned it, `state` what the transport reports.
+    /// and error eventfds.
     pub fn new(
         device: String,
         calls: Vec<EventFd>,
         errs: Vec<EventFd>,
         interrupt: Arc<InterruptLine>,
-        socket: OwnedFd,
-        exit: Option<BackendExitWatch>,
-        state: SharedBackendState,
     ) -> Self {
         DeviceEventHandler {
             device,
             calls,
             errs,
             interrupt,
-            socket,
-            exit,
-            state,
             err_reported: false,
         }
     }
@@ -193,38 +179,6 @@ impl DeviceEventHandler {
             }
         }
     }
-
-    fn on_socket(&self, ops: &mut EventOps) {
-        let _ = ops.remove(Events::empty(&self.socket));
-        if self.state.is_retired() {
-            return;
-        }
-        self.state.set(BackendState::Down);
-        tracing::warn!(
-            "device {}: the backend closed its vhost-user connection; the device's queues stall",
-            self.device
-        );
-    }
-
-    fn on_exit(&mut self, ops: &mut EventOps) {
-        let Some(exit) = self.exit.take() else {
-            return;
-        };
-        let _ = ops.remove(Events::empty(exit.pidfd()));
-        if self.state.is_retired() {
-            return;
-        }
-        self.state.set(BackendState::Down);
-        let status = exit
-            .exit_status()
-            .map_or_else(|| "an unknown status".to_string(), |s| s.to_string());
-        tracing::warn!(
-            "device {}: backend {} (pid {}) exited with {status} while the VM runs; the device's queues stall",
-            self.device,
-            exit.program(),
-            exit.pid()
-        );
-    }
 }
 
 impl MutEventSubscriber for DeviceEventHandler {
@@ -235,22 +189,14 @@ impl MutEventSubscriber for DeviceEventHandler {
         for (i, fd) in self.errs.iter().enumerate() {
             self.add(ops, fd.as_raw_fd(), ERR | i as u32, EventSet::IN);
         }
-        // Only hang-up: the replies on this socket belong to the vCPU thread's requests.
-        let socket = self.socket.as_raw_fd();
-        self.add(ops, socket, SOCKET, EventSet::READ_HANG_UP);
-        if let Some(exit) = &self.exit {
-            self.add(ops, exit.pidfd().as_raw_fd(), EXIT, EventSet::IN);
-        }
     }
 
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
         let token = events.data();
         let queue = (token & 0xffff) as usize;
         match token & !0xffff {
             CALL => self.on_call(queue),
             ERR => self.on_err(queue),
-            SOCKET => self.on_socket(ops),
-            EXIT => self.on_exit(ops),
             _ => {}
         }
     }
@@ -259,7 +205,6 @@ impl MutEventSubscriber for DeviceEventHandler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::net::UnixStream;
     use std::sync::atomic::AtomicU32;
     use std::sync::mpsc;
     use std::time::Duration;
@@ -289,27 +234,23 @@ mod tests {
         assert!(rx.recv().is_err());
     }
 
-    fn device_handler() -> (DeviceEventHandler, EventFd, Arc<AtomicU32>, UnixStream) {
+    fn device_handler() -> (DeviceEventHandler, EventFd, Arc<AtomicU32>) {
         let call = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
         let err = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
         let interrupt = Arc::new(InterruptLine::new().unwrap());
         let status = interrupt.status();
-        let (ours, theirs) = UnixStream::pair().unwrap();
         let h = DeviceEventHandler::new(
             "d0".into(),
             vec![call.try_clone().unwrap()],
             vec![err],
             interrupt,
-            ours.into(),
-            None,
-            SharedBackendState::new(BackendState::Up),
         );
-        (h, call, status, theirs)
+        (h, call, status)
     }
 
     #[test]
     fn call_sets_interrupt_status_and_fires_the_irqfd() {
-        let (h, call, status, _peer) = device_handler();
+        let (h, call, status) = device_handler();
         let irq = h.interrupt.clone();
         let el = EventLoop::start().unwrap();
         el.add(h).unwrap();
@@ -325,29 +266,5 @@ mod tests {
         assert_eq!(n, 1);
         assert_eq!(irq.irq_eventfd().read().unwrap(), 1);
         assert_eq!(status.load(Ordering::Acquire) & INT_VRING, INT_VRING);
-    }
-
-    #[test]
-    fn socket_hang_up_marks_the_backend_down() {
-        let (h, _call, _status, peer) = device_handler();
-        let state = h.state.clone();
-        let el = EventLoop::start().unwrap();
-        el.add(h).unwrap();
-        drop(peer);
-        // Wait for the event thread: a blocking call through the endpoint is processed
-        // after the hang-up event already queued in the same epoll set.
-        for _ in 0..1000 {
-            if state.get() == BackendState::Down {
-                break;
-            }
-            el.add(NoOp).unwrap();
-        }
-        assert_eq!(state.get(), BackendState::Down);
-    }
-
-    struct NoOp;
-    impl MutEventSubscriber for NoOp {
-        fn init(&mut self, _: &mut EventOps) {}
-        fn process(&mut self, _: Events, _: &mut EventOps) {}
     }
 }

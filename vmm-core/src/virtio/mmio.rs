@@ -5,8 +5,10 @@
 //! plus an irqfd pulse by the event loop ([`super::event_loop`]). What passes through here
 //! is the control path: register accesses that exit to the core as KVM_EXIT_MMIO.
 
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use kvm_ioctls::{IoEventAddress, VmFd};
 use plexvm_protocol::api::{BackendState, DeviceInfo};
@@ -16,12 +18,13 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::event_loop::DeviceEventHandler;
 use super::interrupt::InterruptLine;
 use super::registers::{DeviceOps, MmioRegisters};
+use super::ring_tracker::RingTracker;
 use super::state::DeviceState;
 use super::{SharedBackendState, QUEUE_NOTIFY_OFFSET, QUEUE_SIZE_MAX, TRANSPORT_MASKED_FEATURES};
-use crate::backend::Backend;
+use crate::backend::{Backend, BackendExitWatch};
 use crate::devices::MmioDevice;
 use crate::memory::GuestMemory;
-use crate::vhost_user::{FrontendError, VhostUserFrontend};
+use crate::vhost_user::{FrontendError, InflightBuffer, VhostUserFrontend};
 
 /// Errors setting up a transport.
 #[derive(Debug, thiserror::Error)]
@@ -68,35 +71,145 @@ pub enum TransportError {
     },
 }
 
+/// Largest config space the transport remembers (the vhost-user config size limit).
+const CONFIG_CACHE_MAX: usize = 256;
+
+/// How long a swap waits for the old backend to put in the used ring the requests it had
+/// already taken when GET_VRING_BASE stopped its rings (QEMU's backends finish them after
+/// answering).
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The per-queue eventfds and everything else the register file's side effects need.
+///
+/// The backend may be gone (`frontend` is `None`) while the guest keeps touching the
+/// device: config reads then return the last config seen, writes and activation are
+/// kept in the [`DeviceState`] for the next backend, and queue notifications wait in the
+/// kick eventfds, which the next backend gets.
 #[derive(Debug)]
 struct VhostUserDevice {
-    frontend: VhostUserFrontend,
+    frontend: Option<VhostUserFrontend>,
     mem: GuestMemory,
     kicks: Vec<EventFd>,
     calls: Vec<EventFd>,
     errs: Vec<EventFd>,
     interrupt: Arc<InterruptLine>,
+    inflight: Option<InflightBuffer>,
+    /// Outstanding requests of a backend without an in-flight buffer.
+    tracker: Arc<Mutex<RingTracker>>,
+    config_cache: Vec<u8>,
+}
+
+impl VhostUserDevice {
+    fn tracker(&self) -> std::sync::MutexGuard<'_, RingTracker> {
+        self.tracker.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the backend is gone (not attached, or its connection has ended).
+    fn backend_gone(&self) -> bool {
+        self.frontend
+            .as_ref()
+            .is_none_or(VhostUserFrontend::is_hung_up)
+    }
+
+    /// Starts the ready rings on the attached backend, with the device's in-flight
+    /// buffer when the backend tracks in-flight requests (created on first use).
+    fn start_rings(&mut self, state: &mut DeviceState) -> Result<(), FrontendError> {
+        let Some(frontend) = self.frontend.as_mut() else {
+            return Ok(());
+        };
+        if !frontend.supports_inflight() {
+            self.inflight = None;
+        } else if self.inflight.is_none() {
+            self.inflight = Some(frontend.get_inflight(state.queues.len(), QUEUE_SIZE_MAX)?);
+        }
+        // A backend without an in-flight buffer: the core keeps track itself, from before
+        // the backend can complete anything.
+        let tracker = match self.inflight {
+            Some(_) => RingTracker::default(),
+            None => RingTracker::start(&state.queues, &self.mem),
+        };
+        *self.tracker.lock().unwrap_or_else(|e| e.into_inner()) = tracker;
+        frontend.activate(
+            state,
+            &self.mem,
+            &self.kicks,
+            &self.calls,
+            self.inflight.as_ref(),
+        )
+    }
+
+    fn remember_config(&mut self, offset: u32, data: &[u8]) {
+        let end = offset as usize + data.len();
+        if end > CONFIG_CACHE_MAX {
+            return;
+        }
+        if self.config_cache.len() < end {
+            self.config_cache.resize(end, 0);
+        }
+        self.config_cache[offset as usize..end].copy_from_slice(data);
+    }
+
+    fn cached_config(&self, offset: u32, data: &mut [u8]) {
+        data.fill(0);
+        if let Some(tail) = self.config_cache.get(offset as usize..) {
+            let n = tail.len().min(data.len());
+            data[..n].copy_from_slice(&tail[..n]);
+        }
+    }
 }
 
 impl DeviceOps for VhostUserDevice {
     type Error = FrontendError;
 
     fn read_config(&mut self, offset: u32, data: &mut [u8]) -> Result<(), FrontendError> {
-        self.frontend.read_config(offset, data)
+        let result = match self.frontend.as_mut() {
+            Some(frontend) => frontend.read_config(offset, data),
+            None => {
+                self.cached_config(offset, data);
+                return Ok(());
+            }
+        };
+        match result {
+            Ok(()) => {
+                self.remember_config(offset, data);
+                Ok(())
+            }
+            Err(_) if self.backend_gone() => {
+                self.cached_config(offset, data);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     fn write_config(&mut self, offset: u32, data: &[u8]) -> Result<(), FrontendError> {
-        self.frontend.write_config(offset, data)
+        match self.frontend.as_mut() {
+            Some(frontend) => match frontend.write_config(offset, data) {
+                Err(_) if self.backend_gone() => Ok(()),
+                result => result,
+            },
+            None => Ok(()),
+        }
     }
 
     fn activate(&mut self, state: &mut DeviceState) -> Result<(), FrontendError> {
-        self.frontend
-            .activate(state, &self.mem, &self.kicks, &self.calls)
+        match self.start_rings(state) {
+            // The backend died under the driver: the supervisor replays the activation
+            // to the next one, the driver need not know.
+            Err(_) if self.backend_gone() => Ok(()),
+            result => result,
+        }
     }
 
     fn stop(&mut self, state: &mut DeviceState) {
-        self.frontend.stop(state);
+        // A reset device starts with fresh rings: in-flight entries of the old ones must
+        // never be resubmitted.
+        self.inflight = None;
+        *self.tracker() = RingTracker::default();
+        match self.frontend.as_mut() {
+            Some(frontend) => frontend.stop(state),
+            None => state.queues.iter_mut().for_each(|q| q.started = false),
+        }
     }
 
     fn queue_notify(&mut self, queue: u32) {
@@ -109,6 +222,16 @@ impl DeviceOps for VhostUserDevice {
     fn interrupt(&mut self, bits: u32) {
         self.interrupt.signal(bits);
     }
+}
+
+/// What the supervisor watches to notice a backend going away: a duplicate of the
+/// vhost-user socket (hang-up) and, for a spawned backend, its pidfd (exit).
+#[derive(Debug)]
+pub struct BackendWatch {
+    /// The socket.
+    pub socket: OwnedFd,
+    /// The process, when the core spawned it.
+    pub exit: Option<BackendExitWatch>,
 }
 
 /// The eventfds of every queue: kick (QueueNotify ioeventfd), call and error.
@@ -159,7 +282,8 @@ pub struct VirtioMmioTransport {
     gsi: u32,
     registers: MmioRegisters,
     device: VhostUserDevice,
-    backend: Backend,
+    backend: Option<Backend>,
+    socket: PathBuf,
     backend_state: SharedBackendState,
 }
 
@@ -214,14 +338,18 @@ impl VirtioMmioTransport {
             gsi,
             registers,
             device: VhostUserDevice {
-                frontend,
+                frontend: Some(frontend),
                 mem,
                 kicks: fds.kicks,
                 calls: fds.calls,
                 errs: fds.errs,
                 interrupt,
+                inflight: None,
+                tracker: Arc::default(),
+                config_cache: Vec::new(),
             },
-            backend,
+            socket: backend.socket().to_path_buf(),
+            backend: Some(backend),
             backend_state: SharedBackendState::new(BackendState::Up),
         })
     }
@@ -243,16 +371,194 @@ impl VirtioMmioTransport {
             kind: self.kind,
             mmio_base: self.mmio_base,
             irq: self.gsi,
-            socket: self.backend.socket().to_path_buf(),
-            backend_pid: self.backend.pid(),
+            socket: self.socket.clone(),
+            backend_pid: self.backend.as_ref().and_then(Backend::pid),
             state: self.backend_state.get(),
             activated: self.registers.state().activated,
+            restarts: 0,
+            failed_restarts: 0,
+            last_exit: None,
+            down_ms: 0,
+            last_stall_ms: None,
+            inflight_tracking: self
+                .device
+                .frontend
+                .as_ref()
+                .is_some_and(VhostUserFrontend::supports_inflight),
+            inflight_state_known: true,
         }
     }
 
-    /// The backend's socket path.
+    /// The backend's socket path (the last one when it is down).
     pub fn socket(&self) -> PathBuf {
-        self.backend.socket().to_path_buf()
+        self.socket.clone()
+    }
+
+    /// The connection state the API reports, shared with the supervisor.
+    pub fn backend_state(&self) -> SharedBackendState {
+        self.backend_state.clone()
+    }
+
+    /// The outstanding-request tracker (active while a backend without an in-flight
+    /// buffer serves started rings) and the memory to sample it with.
+    pub fn ring_tracker(&self) -> (Arc<Mutex<RingTracker>>, GuestMemory) {
+        (self.device.tracker.clone(), self.device.mem.clone())
+    }
+
+    /// Whether a backend is attached.
+    pub fn is_attached(&self) -> bool {
+        self.device.frontend.is_some()
+    }
+
+    /// What to watch to notice the attached backend going away.
+    pub fn watch(&self) -> std::io::Result<Option<BackendWatch>> {
+        let Some(frontend) = &self.device.frontend else {
+            return Ok(None);
+        };
+        let exit = match &self.backend {
+            Some(b) => b.exit_watch()?,
+            None => None,
+        };
+        Ok(Some(BackendWatch {
+            socket: dup_fd(frontend.socket_fd())?,
+            exit,
+        }))
+    }
+
+    /// The backend went away: forget the connection (its queues stall, the kick
+    /// eventfds keep collecting notifications) and hand back the backend to reap.
+    pub fn detach(&mut self) -> Option<Backend> {
+        self.device.frontend = None;
+        for q in &mut self.registers.state_mut().queues {
+            q.started = false;
+        }
+        self.backend_state.set(BackendState::Down);
+        self.backend.take()
+    }
+
+    /// Why `frontend` cannot take over this device, if it cannot: it must offer every
+    /// feature the driver accepted and serve every queue the driver set up.
+    pub fn check_compatible(&self, frontend: &VhostUserFrontend) -> Result<(), String> {
+        let state = self.registers.state();
+        let wanted = if state.activated || state.status & super::status::FEATURES_OK != 0 {
+            state.driver_features
+        } else {
+            0
+        };
+        let missing = wanted & !frontend.virtio_features();
+        if missing != 0 {
+            return Err(format!(
+                "the backend does not offer features {missing:#x} that the driver uses"
+            ));
+        }
+        let queues = state.ready_queues().map(|(i, _)| i + 1).max().unwrap_or(0);
+        if frontend.queue_count() < queues {
+            return Err(format!(
+                "the backend serves {} queues, the driver uses {queues}",
+                frontend.queue_count()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Hands the device to the backend behind `frontend` (brought up by
+    /// [`VhostUserFrontend::connect`]) after the previous one went away or was
+    /// quiesced: the call and error eventfds, and when the driver had started the
+    /// device the whole activation — features, in-flight buffer, memory table, and per
+    /// ring its size, addresses, kick and call fds, and as base the used index the guest
+    /// sees — then each ring is kicked once so the backend looks at it. Requests the
+    /// previous backend had taken and not completed are resubmitted by the new backend
+    /// from the in-flight buffer or, when the previous one had none, laid out from the
+    /// used index on by the [`RingTracker`]. Returns whether the outstanding requests
+    /// were known (false: replayed from the used index, some may repeat or be missed).
+    pub fn attach(&mut self, mut frontend: VhostUserFrontend) -> Result<bool, FrontendError> {
+        frontend.set_vring_eventfds(&self.device.calls, &self.device.errs)?;
+        self.device.frontend = Some(frontend);
+        let state = self.registers.state_mut();
+        if !state.activated {
+            self.backend_state.set(BackendState::Up);
+            return Ok(true);
+        }
+        let tracked = {
+            let mut tracker = self.device.tracker();
+            let new_tracks = self
+                .device
+                .frontend
+                .as_ref()
+                .is_some_and(VhostUserFrontend::supports_inflight);
+            if tracker.is_active() {
+                tracker.rewrite_outstanding(&self.device.mem)
+            } else {
+                self.device.inflight.is_some() && new_tracks
+            }
+        };
+        for q in state.queues.iter_mut().filter(|q| q.ready) {
+            q.base = q.used_index(&self.device.mem).unwrap_or(q.base);
+            q.started = false;
+        }
+        if let Err(e) = self.device.start_rings(state) {
+            self.device.frontend = None;
+            return Err(e);
+        }
+        for (i, _) in state.queues.iter().enumerate().filter(|(_, q)| q.started) {
+            if let Some(kick) = self.device.kicks.get(i) {
+                let _ = kick.write(1);
+            }
+        }
+        self.backend_state.set(BackendState::Up);
+        Ok(tracked)
+    }
+
+    /// Makes `backend` the device's backend (after [`Self::attach`]); returns the one it
+    /// replaces, for the caller to stop outside the device lock.
+    pub fn install_backend(&mut self, backend: Backend) -> Option<Backend> {
+        self.socket = backend.socket().to_path_buf();
+        self.backend.replace(backend)
+    }
+
+    /// Stops the attached backend's rings for a swap (GET_VRING_BASE) and waits up to
+    /// [`DRAIN_TIMEOUT`] until the used ring shows every request it had taken. The
+    /// in-flight buffer is dropped: the next backend starts a fresh one. Returns whether
+    /// the backend drained (if not, [`Self::attach`] lays out what is still outstanding
+    /// when the [`RingTracker`] knows it, else the next backend replays from the used
+    /// index).
+    pub fn quiesce(&mut self) -> bool {
+        self.device.inflight = None;
+        let Some(frontend) = self.device.frontend.as_mut() else {
+            return true;
+        };
+        let state = self.registers.state_mut();
+        let started: Vec<usize> = (0..state.queues.len())
+            .filter(|&i| state.queues[i].started)
+            .collect();
+        frontend.stop(state);
+        let deadline = Instant::now() + DRAIN_TIMEOUT;
+        loop {
+            let drained = started.iter().all(|&i| {
+                let q = &state.queues[i];
+                q.used_index(&self.device.mem) == Some(q.base)
+            });
+            if drained {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                let rings: Vec<String> = started
+                    .iter()
+                    .map(|&i| {
+                        let q = &state.queues[i];
+                        let used = q.used_index(&self.device.mem);
+                        format!("queue {i}: base {} used {used:?}", q.base)
+                    })
+                    .collect();
+                tracing::warn!(
+                    "device {}: the old backend did not complete its requests within {DRAIN_TIMEOUT:?} ({}); they will be fetched again",
+                    self.id,
+                    rings.join(", ")
+                );
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// The interrupt line (InterruptStatus and irqfd).
@@ -261,8 +567,7 @@ impl VirtioMmioTransport {
     }
 
     /// The subscriber to add to the core's [`super::EventLoop`]: it turns this device's
-    /// call eventfds into interrupts, logs error eventfds, and notices the backend going
-    /// away (socket hang-up, process exit).
+    /// call eventfds into interrupts and logs error eventfds.
     pub fn event_handler(&self) -> Result<DeviceEventHandler, TransportError> {
         let err = |source| TransportError::EventFd {
             device: self.id.clone(),
@@ -276,9 +581,6 @@ impl VirtioMmioTransport {
             clone_all(&self.device.calls).map_err(err)?,
             clone_all(&self.device.errs).map_err(err)?,
             self.device.interrupt.clone(),
-            dup_fd(self.device.frontend.socket_fd()).map_err(err)?,
-            self.backend.exit_watch().map_err(err)?,
-            self.backend_state.clone(),
         ))
     }
 }
@@ -291,10 +593,11 @@ impl Drop for VirtioMmioTransport {
     }
 }
 
-/// A new descriptor for the same open socket, owned by the event loop.
-fn dup_fd(fd: std::os::fd::RawFd) -> std::io::Result<std::os::fd::OwnedFd> {
+/// A new descriptor for the same open socket, owned by the supervisor.
+fn dup_fd(fd: std::os::fd::RawFd) -> std::io::Result<OwnedFd> {
     // SAFETY: `fd` is the frontend's socket, open for as long as the transport that calls
-    // this; the borrow ends before this function returns.
+    // this (which holds the frontend while it runs); the borrow ends before this
+    // function returns.
     let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
     borrowed.try_clone_to_owned()
 }

@@ -11,13 +11,16 @@
 //! - [`state`]: everything the guest programmed, kept so a backend can be reconnected;
 //! - [`mmio`]: the transport that ties registers, KVM ioeventfds/irqfds and the frontend;
 //! - [`interrupt`]: the InterruptStatus register shared with the event loop, and the irqfd;
+//! - [`ring_tracker`]: the outstanding requests of a backend that does not track them,
+//!   so its crash repeats and loses none;
 //! - [`event_loop`]: the one core thread that turns backend call eventfds into guest
-//!   interrupts and notices backends that go away.
+//!   interrupts (backends that go away are noticed by [`crate::supervisor`]).
 
 pub mod event_loop;
 pub mod interrupt;
 pub mod mmio;
 pub mod registers;
+pub mod ring_tracker;
 pub mod state;
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -28,8 +31,9 @@ use plexvm_protocol::spec::DeviceKind;
 
 pub use event_loop::{DeviceEventHandler, EventLoop, EventLoopError};
 pub use interrupt::InterruptLine;
-pub use mmio::{TransportError, VirtioMmioTransport};
+pub use mmio::{BackendWatch, TransportError, VirtioMmioTransport};
 pub use registers::{DeviceOps, MmioRegisters};
+pub use ring_tracker::RingTracker;
 pub use state::{DeviceState, QueueState};
 
 /// The size of one virtio-mmio window (docs/platform.md).
@@ -115,6 +119,7 @@ impl SharedBackendState {
         match self.0.load(Ordering::Acquire) {
             0 => BackendState::Up,
             2 => BackendState::Reconnecting,
+            4 => BackendState::Failed,
             _ => BackendState::Down,
         }
     }
@@ -143,6 +148,7 @@ impl SharedBackendState {
             BackendState::Up => 0,
             BackendState::Down => 1,
             BackendState::Reconnecting => 2,
+            BackendState::Failed => 4,
         }
     }
 }

@@ -197,6 +197,12 @@ impl MmioRegisters {
         &self.state
     }
 
+    /// What the guest programmed, for replaying it to a new backend (which updates the
+    /// queues' bases and started flags).
+    pub fn state_mut(&mut self) -> &mut DeviceState {
+        &mut self.state
+    }
+
     /// How many guest accesses broke a rule so far.
     pub fn guest_issue_count(&self) -> u64 {
         self.issues.count
