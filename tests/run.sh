@@ -17,6 +17,8 @@ PACKAGES=(
   qemu-utils           # qemu-storage-daemon, qemu-img: a backend we did not write
   linux-image-amd64    # Debian's kernel and its virtio modules for the QEMU guests
   busybox-static       # the guests' and containers' userland
+  acpica-tools         # iasl: disassembles the core's ACPI tables in vmm-core's unit tests
+  xz-utils             # unpacks the ELF vmlinux from Debian's bzImage (Linux boot tests)
   e2fsprogs            # e2fsck/debugfs: check guest-written filesystems on the host
   curl                 # the control API through curl --unix-socket
   cpio                 # initramfs archives
