@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 pub mod blk_guest;
 pub mod ext_image;
 pub mod initramfs;
+pub mod net_guest;
 pub mod prereq;
 pub mod qemu;
 pub mod vhost_backends;
