@@ -28,7 +28,7 @@ pub enum CmdlineError<'a> {
         value: &'a str,
     },
     /// `probe.workload=` names no known workload.
-    #[error("unknown workload {0:?} (known: blk-verify, blk-abuse)")]
+    #[error("unknown workload {0:?} (known: blk-verify, blk-abuse, blk-bench)")]
     UnknownWorkload(&'a str),
     /// More than [`MAX_DEVICES`] `virtio_mmio.device=` entries.
     #[error("more than {MAX_DEVICES} virtio_mmio.device entries")]
@@ -42,6 +42,8 @@ pub enum Workload {
     BlkVerify,
     /// Malformed descriptor chains that a block device must reject safely.
     BlkAbuse,
+    /// Timed I/O at a fixed queue depth: completions and a latency histogram.
+    BlkBench,
 }
 
 impl Workload {
@@ -50,13 +52,95 @@ impl Workload {
         match self {
             Workload::BlkVerify => "blk-verify",
             Workload::BlkAbuse => "blk-abuse",
+            Workload::BlkBench => "blk-bench",
         }
     }
 
     fn from_name(name: &str) -> Option<Workload> {
-        [Workload::BlkVerify, Workload::BlkAbuse]
+        [Workload::BlkVerify, Workload::BlkAbuse, Workload::BlkBench]
             .into_iter()
             .find(|w| w.name() == name)
+    }
+}
+
+/// Most requests blk-bench keeps in flight (`probe.qd=`): 64 three-descriptor chains
+/// fit a 256-entry queue.
+pub const MAX_QD: u16 = 64;
+/// Largest blk-bench request (`probe.bs=`).
+pub const MAX_BS: u32 = 128 * 1024;
+
+/// blk-bench access pattern (`probe.rw=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessPattern {
+    /// Random reads.
+    RandRead,
+    /// Random writes.
+    RandWrite,
+    /// Sequential reads (wrapping at the end of the disk).
+    Read,
+    /// Sequential writes.
+    Write,
+    /// Random, this percentage of them reads, the rest writes.
+    Mix(u8),
+}
+
+impl AccessPattern {
+    fn parse(value: &str) -> Option<AccessPattern> {
+        Some(match value {
+            "randread" => AccessPattern::RandRead,
+            "randwrite" => AccessPattern::RandWrite,
+            "read" => AccessPattern::Read,
+            "write" => AccessPattern::Write,
+            _ => {
+                let pct = parse_number(value.strip_prefix("mix:")?)?;
+                AccessPattern::Mix(u8::try_from(pct).ok().filter(|&p| p <= 100)?)
+            }
+        })
+    }
+
+    /// Whether offsets are random.
+    pub fn random(self) -> bool {
+        !matches!(self, AccessPattern::Read | AccessPattern::Write)
+    }
+}
+
+impl core::fmt::Display for AccessPattern {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            AccessPattern::RandRead => f.write_str("randread"),
+            AccessPattern::RandWrite => f.write_str("randwrite"),
+            AccessPattern::Read => f.write_str("read"),
+            AccessPattern::Write => f.write_str("write"),
+            AccessPattern::Mix(pct) => write!(f, "mix:{pct}"),
+        }
+    }
+}
+
+/// blk-bench parameters (`probe.qd=`, `probe.bs=`, `probe.rw=`, `probe.warmup=`,
+/// `probe.irq=`; the measured time is `probe.seconds=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BenchParams {
+    /// Requests in flight, 1..=[`MAX_QD`].
+    pub qd: u16,
+    /// Bytes per request: a multiple of 512, 512..=[`MAX_BS`].
+    pub bs: u32,
+    /// Access pattern.
+    pub rw: AccessPattern,
+    /// Seconds of unrecorded warm-up before the measured time.
+    pub warmup: u64,
+    /// Ask the device for used-buffer notifications (the probe polls either way).
+    pub irq: bool,
+}
+
+impl Default for BenchParams {
+    fn default() -> Self {
+        BenchParams {
+            qd: 1,
+            bs: 4096,
+            rw: AccessPattern::RandRead,
+            warmup: 1,
+            irq: false,
+        }
     }
 }
 
@@ -78,8 +162,10 @@ pub struct Config {
     pub workload: Workload,
     /// `probe.seed=`, default 1.
     pub seed: u64,
-    /// `probe.seconds=`, default 0 = one pass.
+    /// `probe.seconds=`, default 0 = one pass (blk-bench: 0 means 5 s).
     pub seconds: u64,
+    /// blk-bench parameters.
+    pub bench: BenchParams,
     devices: [Option<MmioDevice>; MAX_DEVICES],
     device_count: usize,
 }
@@ -90,6 +176,7 @@ impl Default for Config {
             workload: Workload::BlkVerify,
             seed: 1,
             seconds: 0,
+            bench: BenchParams::default(),
             devices: [None; MAX_DEVICES],
             device_count: 0,
         }
@@ -146,6 +233,27 @@ fn apply_probe_key<'a>(
         }
         "seed" => config.seed = parse_number(value).ok_or_else(bad)?,
         "seconds" => config.seconds = parse_number(value).ok_or_else(bad)?,
+        "qd" => {
+            config.bench.qd = parse_number(value)
+                .and_then(|n| u16::try_from(n).ok())
+                .filter(|n| (1..=MAX_QD).contains(n))
+                .ok_or_else(bad)?
+        }
+        "bs" => {
+            config.bench.bs = parse_size(value)
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|n| n % 512 == 0 && (512..=MAX_BS).contains(n))
+                .ok_or_else(bad)?
+        }
+        "rw" => config.bench.rw = AccessPattern::parse(value).ok_or_else(bad)?,
+        "warmup" => config.bench.warmup = parse_number(value).ok_or_else(bad)?,
+        "irq" => {
+            config.bench.irq = match value {
+                "on" => true,
+                "off" => false,
+                _ => return Err(bad()),
+            }
+        }
         _ => return Err(CmdlineError::UnknownKey(key)),
     }
     Ok(())
@@ -287,6 +395,55 @@ mod tests {
         assert_eq!(parse_size(""), None);
         assert_eq!(parse_number("0XfF"), Some(255));
         assert_eq!(parse_number("0x+1"), None);
+    }
+
+    #[test]
+    fn bench_keys() {
+        let config = parse(
+            "probe.workload=blk-bench probe.qd=32 probe.bs=128K probe.rw=mix:70 \
+             probe.warmup=0 probe.irq=on probe.seconds=2",
+        )
+        .unwrap();
+        assert_eq!(config.workload, Workload::BlkBench);
+        assert_eq!(
+            config.bench,
+            BenchParams {
+                qd: 32,
+                bs: 128 * 1024,
+                rw: AccessPattern::Mix(70),
+                warmup: 0,
+                irq: true
+            }
+        );
+        assert_eq!(parse("").unwrap().bench, BenchParams::default());
+        for (rw, pattern) in [
+            ("randread", AccessPattern::RandRead),
+            ("randwrite", AccessPattern::RandWrite),
+            ("read", AccessPattern::Read),
+            ("write", AccessPattern::Write),
+            ("mix:0", AccessPattern::Mix(0)),
+        ] {
+            let config = parse(&format!("probe.rw={rw}")).unwrap();
+            assert_eq!(config.bench.rw, pattern);
+            assert_eq!(pattern.to_string(), rw);
+        }
+        for line in [
+            "probe.qd=0",
+            "probe.qd=65",
+            "probe.bs=100",
+            "probe.bs=256K",
+            "probe.bs=0",
+            "probe.rw=random",
+            "probe.rw=mix:101",
+            "probe.rw=mix:",
+            "probe.irq=yes",
+            "probe.warmup=x",
+        ] {
+            assert!(
+                matches!(parse(line), Err(CmdlineError::BadValue { .. })),
+                "{line} should be rejected"
+            );
+        }
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod arch;
 pub mod bootparams;
 pub mod cmdline;
 pub mod console;
+pub mod histogram;
 pub mod memory;
 pub mod pattern;
 pub mod rng;

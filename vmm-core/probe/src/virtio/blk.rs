@@ -6,7 +6,9 @@
 //! the request that hung.
 
 use super::mmio::{MmioError, MmioTransport};
-use super::queue::{Buffer, QueueError, SplitQueue, Used, MAX_QUEUE_SIZE};
+use super::queue::{
+    Buffer, QueueError, SplitQueue, Used, AVAIL_F_NO_INTERRUPT, MAX_QUEUE_SIZE, USED_F_NO_NOTIFY,
+};
 use crate::memory::{OutOfMemory, PhysAlloc};
 use crate::pattern::SECTOR_SIZE;
 use crate::time::{Clock, Deadline};
@@ -33,6 +35,11 @@ pub const STATUS_UNSET: u8 = 0xff;
 pub const F_RO: u64 = 1 << 5;
 /// `VIRTIO_BLK_F_FLUSH`.
 pub const F_FLUSH: u64 = 1 << 9;
+/// `VIRTIO_F_EVENT_IDX` (virtio 1.2, 6 and 2.7.10).
+pub const F_EVENT_IDX: u64 = 1 << 29;
+/// How far ahead of the used index `used_event` is put to mean "no notification":
+/// more than a queue's worth of completions never reaches it (2.7.10).
+const USED_EVENT_FAR: u16 = 0x8000;
 /// Size of the request header `{type: u32, reserved: u32, sector: u64}`.
 pub const HEADER_SIZE: u32 = 16;
 /// Largest data buffer of one request.
@@ -108,16 +115,33 @@ pub struct BlkDevice {
     features: u64,
     irq: IrqState,
     clock: Clock,
+    /// Available index at the last [`BlkDevice::kick`].
+    kicked: u16,
+    /// QueueNotify writes made by [`BlkDevice::kick`].
+    notifies: u64,
+    /// Whether [`BlkDevice::rearm`] asks for used-buffer notifications.
+    want_irq: bool,
 }
 
 impl BlkDevice {
     /// Initialises the device behind `transport` (virtio 1.2, 3.1.1 and 4.2.3).
     pub fn open(
-        mut transport: MmioTransport,
+        transport: MmioTransport,
         alloc: &mut PhysAlloc,
         clock: Clock,
     ) -> Result<BlkDevice, BlkError> {
-        let features = transport.negotiate(0, F_FLUSH | F_RO)?;
+        Self::open_with(transport, alloc, clock, 0)
+    }
+
+    /// As [`BlkDevice::open`], also accepting whatever of `extra` (e.g.
+    /// [`F_EVENT_IDX`]) the device offers.
+    pub fn open_with(
+        mut transport: MmioTransport,
+        alloc: &mut PhysAlloc,
+        clock: Clock,
+        extra: u64,
+    ) -> Result<BlkDevice, BlkError> {
+        let features = transport.negotiate(0, F_FLUSH | F_RO | extra)?;
         let capacity = transport.config_u64(0)?;
         let max = transport.queue_max(QUEUE).min(MAX_QUEUE_SIZE);
         // Split queue sizes are powers of two (2.7): take the largest that fits.
@@ -136,6 +160,9 @@ impl BlkDevice {
             features,
             irq: IrqState::Unchecked,
             clock,
+            kicked: 0,
+            notifies: 0,
+            want_irq: true,
         })
     }
 
@@ -173,7 +200,75 @@ impl BlkDevice {
     pub fn submit(&mut self, chain: &[Buffer]) -> Result<u16, BlkError> {
         let head = self.queue.add_chain(chain)?;
         self.transport.notify(QUEUE);
+        self.kicked = self.queue.avail_idx();
         Ok(head)
+    }
+
+    /// Makes a chain available without notifying the device (see [`BlkDevice::kick`]).
+    pub fn add(&mut self, chain: &[Buffer]) -> Result<u16, BlkError> {
+        Ok(self.queue.add_chain(chain)?)
+    }
+
+    /// Notifies the device of chains added since the last kick, unless it said it
+    /// does not need to know (`avail_event` with EVENT_IDX, else `USED_F_NO_NOTIFY`;
+    /// virtio 1.2, 2.7.10 and 2.7.13.4). Returns whether QueueNotify was written.
+    pub fn kick(&mut self) -> bool {
+        let new = self.queue.avail_idx();
+        let old = core::mem::replace(&mut self.kicked, new);
+        if new == old {
+            return false;
+        }
+        // `add_chain` fenced after publishing the index, so the device's
+        // suppression state read here is not older than our index.
+        let needed = if self.features & F_EVENT_IDX != 0 {
+            let event = self.queue.avail_event();
+            new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            self.queue.used_flags() & USED_F_NO_NOTIFY == 0
+        };
+        if needed {
+            self.transport.notify(QUEUE);
+            self.notifies += 1;
+        }
+        needed
+    }
+
+    /// QueueNotify writes made by [`BlkDevice::kick`].
+    pub fn notifies(&self) -> u64 {
+        self.notifies
+    }
+
+    /// Whether to ask for used-buffer notifications; takes effect at once (virtio
+    /// 1.2, 2.7.7 and 2.7.10). The probe polls either way: this only decides whether
+    /// the device (and the core's interrupt path) does the work of notifying.
+    pub fn set_interrupts(&mut self, on: bool) {
+        self.want_irq = on;
+        // 2.7.7.1: with EVENT_IDX the driver must leave the flags at 0 and use
+        // `used_event` instead (see `rearm`).
+        if self.features & F_EVENT_IDX == 0 {
+            let flags = if on { 0 } else { AVAIL_F_NO_INTERRUPT };
+            self.queue.set_avail_flags(flags);
+        }
+        self.rearm();
+    }
+
+    /// With EVENT_IDX, moves `used_event` along after completions were taken: to
+    /// the next completion when interrupts are wanted, else out of reach.
+    pub fn rearm(&mut self) {
+        if self.features & F_EVENT_IDX != 0 {
+            let last = self.queue.last_used();
+            let event = if self.want_irq {
+                last
+            } else {
+                last.wrapping_add(USED_EVENT_FAR)
+            };
+            self.queue.set_used_event(event);
+        }
+    }
+
+    /// The next used element, if any, without the interrupt check of [`BlkDevice::poll`].
+    pub fn pop(&mut self) -> Result<Option<Used>, BlkError> {
+        Ok(self.queue.pop_used()?)
     }
 
     /// The next used element, if any. The first one also checks the interrupt.

@@ -21,6 +21,13 @@ const DESC_SIZE: u64 = 16;
 const USED_ELEM_SIZE: u64 = 8;
 const RING_HEADER: u64 = 4; // flags + idx
 
+/// `VIRTQ_AVAIL_F_NO_INTERRUPT` (2.7.7): the driver does not want used-buffer
+/// notifications (without VIRTIO_F_EVENT_IDX).
+pub const AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// `VIRTQ_USED_F_NO_NOTIFY` (2.7.10): the device does not want available-buffer
+/// notifications (without VIRTIO_F_EVENT_IDX).
+pub const USED_F_NO_NOTIFY: u16 = 1;
+
 /// Virtqueue failures.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum QueueError {
@@ -163,6 +170,46 @@ impl SplitQueue {
     /// Chains made available and not yet returned.
     pub fn in_flight(&self) -> u16 {
         self.avail_idx.wrapping_sub(self.last_used)
+    }
+
+    /// The available index the driver last published.
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
+    /// The used index up to which the driver has taken elements.
+    pub fn last_used(&self) -> u16 {
+        self.last_used
+    }
+
+    /// Writes the available ring's `flags` (2.7.6).
+    pub fn set_avail_flags(&mut self, flags: u16) {
+        // SAFETY: `flags` is at offset 0 of the avail page this queue owns.
+        unsafe { write_volatile(self.avail as *mut u16, flags) };
+    }
+
+    /// Writes `used_event` (VIRTIO_F_EVENT_IDX, 2.7.10): the device notifies once
+    /// the used index passes it.
+    pub fn set_used_event(&mut self, idx: u16) {
+        let at = self.avail + RING_HEADER + 2 * u64::from(self.size);
+        // SAFETY: `used_event` follows the `size` ring entries, within the avail page
+        // (4 + 2 * 256 + 2 bytes at most).
+        unsafe { write_volatile(at as *mut u16, idx) };
+    }
+
+    /// The used ring's `flags` as the device left them (2.7.8).
+    pub fn used_flags(&self) -> u16 {
+        // SAFETY: `flags` is at offset 0 of the used page this queue owns.
+        unsafe { read_volatile(self.used as *const u16) }
+    }
+
+    /// `avail_event` (VIRTIO_F_EVENT_IDX, 2.7.10): the device wants a notification
+    /// once the available index passes it.
+    pub fn avail_event(&self) -> u16 {
+        let at = self.used + RING_HEADER + USED_ELEM_SIZE * u64::from(self.size);
+        // SAFETY: `avail_event` follows the `size` used elements, within the used
+        // page (4 + 8 * 256 + 2 bytes at most).
+        unsafe { read_volatile(at as *const u16) }
     }
 
     fn write_desc(&mut self, id: u16, buf: &Buffer, next: Option<u16>) {
@@ -414,6 +461,25 @@ mod tests {
             Err(QueueError::UsedIndexJump { .. })
         ));
         assert_eq!(q.add_chain(&[]), Err(QueueError::EmptyChain));
+    }
+
+    #[test]
+    fn event_fields_sit_after_the_rings() {
+        let mut alloc = host_alloc(64 * 1024);
+        let mut q = SplitQueue::new(&mut alloc, 8).unwrap();
+        q.set_avail_flags(AVAIL_F_NO_INTERRUPT);
+        q.set_used_event(0x1234);
+        // SAFETY: (test) addresses come from the queue's own host allocation.
+        unsafe {
+            assert_eq!(read_volatile(q.avail as *const u16), 1);
+            assert_eq!(read_volatile((q.avail + 4 + 16) as *const u16), 0x1234);
+            write_volatile((q.used + 4 + 64) as *mut u16, 0x4321);
+            write_volatile(q.used as *mut u16, USED_F_NO_NOTIFY);
+        }
+        assert_eq!(q.avail_event(), 0x4321);
+        assert_eq!(q.used_flags(), USED_F_NO_NOTIFY);
+        q.add_chain(&[Buffer::readable(1, 1)]).unwrap();
+        assert_eq!((q.avail_idx(), q.last_used()), (1, 0));
     }
 
     #[test]

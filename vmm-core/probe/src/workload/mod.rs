@@ -2,6 +2,7 @@
 //! `run(&mut Env) -> ExitCode`; new ones (blk-bench, net-echo) go beside them.
 
 pub mod blk_abuse;
+pub mod blk_bench;
 pub mod blk_verify;
 
 use crate::cmdline::{Config, MmioDevice, Workload};
@@ -36,6 +37,7 @@ pub fn run(env: &mut Env) -> ExitCode {
     match env.config.workload {
         Workload::BlkVerify => blk_verify::run(env),
         Workload::BlkAbuse => blk_abuse::run(env),
+        Workload::BlkBench => blk_bench::run(env),
     }
 }
 
@@ -60,6 +62,12 @@ fn transport_for(env: &Env, device: &MmioDevice) -> Option<MmioTransport> {
 
 /// Opens the first block device on the command line.
 pub fn open_block_device(env: &mut Env) -> Option<BlkDevice> {
+    open_block_device_with(env, 0)
+}
+
+/// Opens the first block device on the command line, also accepting the optional
+/// feature bits `extra` where the device offers them.
+pub fn open_block_device_with(env: &mut Env, extra: u64) -> Option<BlkDevice> {
     let config = env.config.clone();
     for device in config.devices() {
         let Some(transport) = transport_for(env, &device) else {
@@ -85,7 +93,7 @@ pub fn open_block_device(env: &mut Env) -> Option<BlkDevice> {
         if id != DEVICE_ID_BLOCK {
             continue;
         }
-        match BlkDevice::open(transport, &mut env.alloc, env.clock) {
+        match BlkDevice::open_with(transport, &mut env.alloc, env.clock, extra) {
             Ok(blk) => {
                 serial_println!(
                     "probe: block device {:#x}: {} sectors, queue size {}, features {:#x}",

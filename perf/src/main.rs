@@ -1,0 +1,170 @@
+//! `plexvm-perf`: the I/O-path benchmark harness (see the crate README).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use plexvm_perf::plan::{self, Plan, Settings, Storage, SCENARIOS};
+use plexvm_perf::{find_binaries, RunSetup};
+
+/// plexvm's I/O-path benchmark harness: backends side by side, against the host's own limit.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the benchmarks and write results.json, results.md and one SVG per scenario.
+    Run(Box<RunArgs>),
+    /// List the scenarios and backends.
+    List,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Fewer repetitions, shorter runs, a smaller image (under 5 minutes).
+    #[arg(long)]
+    quick: bool,
+    /// Scenario to run (repeatable; default: all, or the quick set with --quick).
+    #[arg(long = "scenario", value_name = "NAME")]
+    scenarios: Vec<String>,
+    /// Backend to measure (repeatable): plexvm-blk, plexvm-blk-direct, qsd, qsd-direct,
+    /// host (the ceiling; also host-direct). Default: all.
+    #[arg(long = "backend", value_name = "NAME")]
+    backends: Vec<String>,
+    /// Storage for the image (repeatable): tmpfs, disk. Default: both (--quick: tmpfs).
+    #[arg(long = "storage", value_name = "NAME")]
+    storages: Vec<String>,
+    /// Output folder (default perf/out/<timestamp>).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Repetitions (default 5, --quick 2).
+    #[arg(long)]
+    reps: Option<u32>,
+    /// Measured seconds per repetition (default 5, --quick 2).
+    #[arg(long)]
+    seconds: Option<u64>,
+    /// Warm-up seconds before each measurement (default 1).
+    #[arg(long)]
+    warmup: Option<u64>,
+    /// Image size in MiB (default 1024, --quick 256).
+    #[arg(long, value_name = "MIB")]
+    image_mib: Option<u64>,
+    /// Repetitions of the launch-time measurement (default 20, --quick 5; 0 skips the
+    /// core-cost measurements).
+    #[arg(long, value_name = "N")]
+    launch_reps: Option<u32>,
+    /// Folder holding plexvm and plexvm-blk (default: this program's folder).
+    #[arg(long, value_name = "DIR")]
+    bin_dir: Option<PathBuf>,
+    /// qemu-storage-daemon program.
+    #[arg(long, value_name = "PATH", default_value = "qemu-storage-daemon")]
+    qsd: PathBuf,
+    /// Folder for the on-disk image.
+    #[arg(long, value_name = "DIR", default_value = "/var/tmp")]
+    disk_dir: PathBuf,
+}
+
+fn settings(args: &RunArgs) -> Settings {
+    let mut s = Settings::defaults(args.quick);
+    s.reps = args.reps.unwrap_or(s.reps);
+    s.seconds = args.seconds.unwrap_or(s.seconds);
+    s.warmup = args.warmup.unwrap_or(s.warmup);
+    s.image_mib = args.image_mib.unwrap_or(s.image_mib);
+    s.launch_reps = args.launch_reps.unwrap_or(s.launch_reps);
+    s
+}
+
+fn default_out() -> PathBuf {
+    let stamp = chrono::Local::now().format("%Y%m%d-%H%M%S").to_string();
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("out")
+        .join(stamp)
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let settings = settings(&args);
+    settings.check()?;
+    let storages = if args.storages.is_empty() && args.quick {
+        vec![Storage::Tmpfs]
+    } else if args.storages.is_empty() {
+        Storage::ALL.to_vec()
+    } else {
+        args.storages
+            .iter()
+            .map(|s| Storage::parse(s))
+            .collect::<Result<_, _>>()?
+    };
+    let plan = Plan {
+        scenarios: plan::select_scenarios(&args.scenarios, args.quick)?,
+        subjects: plan::select_subjects(&args.backends)?,
+        storages,
+        core_costs: settings.launch_reps > 0,
+        settings,
+        disk_dir: args.disk_dir.clone(),
+    };
+    let bin_dir = match &args.bin_dir {
+        Some(dir) => dir.clone(),
+        None => std::env::current_exe()
+            .context("cannot find this program's path")?
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_default(),
+    };
+    let bins = find_binaries(&bin_dir, args.qsd.clone())?;
+    let out = args.out.clone().unwrap_or_else(default_out);
+    let setup = RunSetup {
+        plan,
+        out: out.clone(),
+        bins,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+    };
+    let results = plexvm_perf::run(&setup)?;
+    let failed = results.records.iter().filter(|r| r.error.is_some()).count();
+    eprintln!(
+        "plexvm-perf: wrote {}/results.json, results.md and {} charts ({failed} failed repetitions)",
+        out.display(),
+        results.plan.scenarios.len()
+    );
+    println!("{}", plexvm_perf::report::headline(&results));
+    Ok(())
+}
+
+fn list() {
+    println!("scenarios (* = in --quick):");
+    for s in SCENARIOS {
+        println!(
+            "  {:<22} rw={} bs={} qd={} irq={}{}",
+            s.name,
+            s.rw,
+            s.bs,
+            s.qd,
+            if s.irq { "on" } else { "off" },
+            if s.quick { " *" } else { "" }
+        );
+    }
+    println!("backends: plexvm-blk plexvm-blk-direct qsd qsd-direct host host-direct");
+    println!("storage: tmpfs disk");
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run(*args),
+        Command::List => {
+            list();
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("plexvm-perf: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
