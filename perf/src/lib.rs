@@ -10,6 +10,7 @@
 
 pub mod ceiling;
 pub mod chart;
+pub mod containers;
 pub mod costs;
 pub mod guest;
 pub mod image;

@@ -1,6 +1,6 @@
 //! `plexvm-perf`: the I/O-path benchmark harness (see the crate README).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -20,8 +20,62 @@ struct Cli {
 enum Command {
     /// Run the benchmarks and write results.json, results.md and one SVG per scenario.
     Run(Box<RunArgs>),
+    /// Container start-up: `run` of /bin/true, plexvm-shim against runc.
+    Containers(ContainersArgs),
     /// List the scenarios and backends.
     List,
+}
+
+#[derive(Debug, Args)]
+struct ContainersArgs {
+    /// Measured runs per runtime.
+    #[arg(long, default_value_t = 100)]
+    runs: u32,
+    /// Unmeasured runs first.
+    #[arg(long, default_value_t = 5)]
+    warmup: u32,
+    /// Runtimes to compare; the last is the baseline (default: plexvm-shim next to this
+    /// program, then runc from PATH).
+    #[arg(long = "runtime", value_name = "PATH")]
+    runtimes: Vec<PathBuf>,
+    /// Output folder for containers.md and containers.json (default perf/out/<timestamp>).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+}
+
+fn containers(args: ContainersArgs) -> Result<()> {
+    let runtimes = if args.runtimes.is_empty() {
+        let here = std::env::current_exe()?
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_default();
+        vec![here.join("plexvm-shim"), PathBuf::from("runc")]
+    } else {
+        args.runtimes
+    };
+    let results = plexvm_perf::containers::measure(&runtimes, args.runs, args.warmup)?;
+    let m =
+        plexvm_perf::machine::Machine::probe(Path::new("/tmp"), Path::new("qemu-storage-daemon"));
+    let machine = format!(
+        "Machine: {}, {} cores, {} MiB, kernel {}, load average at start: {}",
+        m.cpu_model,
+        m.cores,
+        m.memory_mib,
+        m.kernel,
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
+    );
+    let md = plexvm_perf::containers::markdown(&results, &machine);
+    let out = args.out.unwrap_or_else(default_out);
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("containers.md"), &md)?;
+    std::fs::write(
+        out.join("containers.json"),
+        serde_json::to_vec_pretty(&results)?,
+    )?;
+    println!("{md}");
+    Ok(())
 }
 
 #[derive(Debug, Args)]
@@ -155,6 +209,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run(*args),
+        Command::Containers(args) => containers(args),
         Command::List => {
             list();
             Ok(())
