@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod paths;
+pub mod probe;
 pub mod spec;
 
 pub use spec::{SpecError, VmSpec};

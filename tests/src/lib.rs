@@ -165,27 +165,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
 }
 
 /// The `key=value` fields of the probe's last `probe: result ...` line.
-pub fn probe_result(serial: &str) -> Option<Vec<(String, String)>> {
-    let line = serial
-        .lines()
-        .rev()
-        .find(|l| l.starts_with("probe: result "))?;
-    Some(
-        line["probe: result ".len()..]
-            .split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    )
-}
-
-/// One field of a probe result.
-pub fn field<'a>(fields: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    fields
-        .iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.as_str())
-}
+pub use plexvm_protocol::probe::{field, parse_result as probe_result};
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes.
 pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {

@@ -56,21 +56,6 @@ impl DemoReport {
     }
 }
 
-/// Parses the probe's `probe: result k=v ...` line out of its serial output.
-pub fn parse_result_line(serial: &str) -> Option<Vec<(String, String)>> {
-    let line = serial
-        .lines()
-        .rev()
-        .find(|l| l.starts_with("probe: result "))?;
-    Some(
-        line["probe: result ".len()..]
-            .split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    )
-}
-
 /// Finds `plexvm-blk`; when `plexvm` runs under `cargo run` from the source tree and the
 /// backend has not been built yet, builds it with the same profile first.
 fn find_or_build_backend() -> Result<PathBuf, DemoError> {
@@ -146,7 +131,7 @@ pub fn run_demo(seed: u64) -> Result<DemoReport, DemoError> {
     let wall_ms = started.elapsed().as_millis();
     let text =
         String::from_utf8_lossy(&serial.lock().unwrap_or_else(|e| e.into_inner())).into_owned();
-    let fields = parse_result_line(&text);
+    let fields = plexvm_protocol::probe::parse_result(&text);
     let ok = outcome.exit_code() == 0
         && fields
             .as_ref()
@@ -162,19 +147,5 @@ pub fn run_demo(seed: u64) -> Result<DemoReport, DemoError> {
                 .unwrap_or("(no probe output)")
                 .to_string(),
         }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn result_line_is_parsed_from_the_last_match() {
-        let serial = "boot\nprobe: result workload=x status=fail\nprobe: result workload=blk-verify status=ok requests=12\n";
-        let f = parse_result_line(serial).unwrap();
-        assert_eq!(f[1], ("status".into(), "ok".into()));
-        assert_eq!(f[2], ("requests".into(), "12".into()));
-        assert!(parse_result_line("nothing here").is_none());
     }
 }

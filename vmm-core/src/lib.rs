@@ -19,3 +19,20 @@ pub mod vhost_user;
 pub mod virtio;
 pub mod virtio_devices;
 pub mod vm;
+
+/// An error and its causes on one line, `outer: cause: root cause`; a cause whose text
+/// the message already ends with (some library errors print their source) is not
+/// repeated.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !msg.ends_with(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        source = s.source();
+    }
+    msg
+}

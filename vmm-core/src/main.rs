@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use plexvm::api::{run_ctl, CtlArgs};
+use plexvm::error_chain;
 use plexvm::runner::{self, SerialOut};
 use plexvm_protocol::VmSpec;
 
@@ -35,21 +36,6 @@ enum Command {
 
 /// Exit code for bad input (spec, kernel file, usage).
 const EXIT_BAD_INPUT: u8 = 2;
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        // Some library errors already print their cause; don't say it twice.
-        let text = s.to_string();
-        if !msg.ends_with(&text) {
-            msg.push_str(": ");
-            msg.push_str(&text);
-        }
-        source = s.source();
-    }
-    msg
-}
 
 fn run(spec: &Path) -> ExitCode {
     let config = match VmSpec::load(spec) {

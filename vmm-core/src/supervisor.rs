@@ -36,6 +36,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::backend::{self, Backend};
+use crate::error_chain;
 use crate::memory::GuestMemory;
 use crate::vhost_user::VhostUserFrontend;
 use crate::virtio::{self, BackendWatch, RingTracker, SharedBackendState, VirtioMmioTransport};
@@ -248,21 +249,6 @@ impl Drop for BackendSupervisor {
             }
         }
     }
-}
-
-/// An error and its causes on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !msg.ends_with(&text) {
-            msg.push_str(": ");
-            msg.push_str(&text);
-        }
-        source = s.source();
-    }
-    msg
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
