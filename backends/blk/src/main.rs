@@ -2,45 +2,16 @@
 
 use std::process::ExitCode;
 
-use clap::error::ErrorKind;
-use clap::Parser;
+use plexvm_backend_support::{init_logging, parse_args, USAGE_ERROR};
 use plexvm_blk::{Args, BlockConfig};
 
-/// Exit status for unusable flags (as clap and most tools use).
-const USAGE_ERROR: u8 = 2;
-
 fn main() -> ExitCode {
-    // Quiet by default: under plexvm every stderr line is forwarded into the core's
-    // log; PLEXVM_BLK_LOG=info (or RUST_LOG) shows connections and requests.
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PLEXVM_BLK_LOG")
-                .or_else(|_| tracing_subscriber::EnvFilter::try_from_default_env())
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .init();
-    let args = match Args::try_parse() {
+    // Quiet by default: under plexvm every stderr line is forwarded into the core's log;
+    // PLEXVM_BLK_LOG=info (or RUST_LOG) shows more.
+    init_logging("PLEXVM_BLK_LOG");
+    let args: Args = match parse_args("plexvm-blk") {
         Ok(args) => args,
-        Err(e) if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) => {
-            e.exit()
-        }
-        Err(e) => {
-            // One line, not clap's multi-line usage block.
-            let rendered = e.render().to_string();
-            let message: Vec<&str> = rendered
-                .lines()
-                .take_while(|line| !line.trim().is_empty())
-                .map(str::trim)
-                .collect();
-            eprintln!(
-                "plexvm-blk: {}",
-                message.join(" ").trim_start_matches("error: ")
-            );
-            return ExitCode::from(USAGE_ERROR);
-        }
+        Err(code) => return code,
     };
     let config = match BlockConfig::try_from(args) {
         Ok(config) => config,

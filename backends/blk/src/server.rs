@@ -7,9 +7,9 @@
 //! vhost-user-backend handler accepts SET_OWNER only once. After a connection ends the
 //! image is flushed and the next connection is awaited, as qemu-storage-daemon does.
 
+use plexvm_backend_support::StaleSocketError;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -293,20 +293,13 @@ fn wait_for_connection(epoll: &Epoll) -> Result<bool, ServerError> {
 
 /// Removes a socket left behind by an earlier run; refuses to remove anything else.
 fn remove_stale_socket(path: &Path) -> Result<(), ServerError> {
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            std::fs::remove_file(path).map_err(|source| ServerError::Listen {
-                path: path.to_owned(),
-                source,
-            })
-        }
-        Ok(_) => Err(ServerError::NotASocket(path.to_owned())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(ServerError::Listen {
+    plexvm_backend_support::remove_stale_socket(path).map_err(|e| match e {
+        StaleSocketError::NotASocket => ServerError::NotASocket(path.to_owned()),
+        StaleSocketError::Io(source) => ServerError::Listen {
             path: path.to_owned(),
             source,
-        }),
-    }
+        },
+    })
 }
 
 /// Blocks SIGTERM and SIGINT in the calling thread (and so in every thread it starts

@@ -14,9 +14,9 @@
 //! executing ([`VhostUserBackend::stop_vring`]), so the base it returns has nothing in
 //! flight behind it.
 
+use plexvm_backend_support::WorkerExitEvents;
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
@@ -31,9 +31,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::disk::SECTOR_SIZE;
 use crate::inflight::InflightRegion;
@@ -71,9 +69,6 @@ pub struct QueueLayout {
     pub queue_size: u16,
 }
 
-/// Exit eventfd pair of one worker thread, handed out once to vhost-user-backend.
-type ExitEvent = Option<(EventConsumer, EventNotifier)>;
-
 /// The `VhostUserBackend` of one connection.
 #[derive(Debug)]
 pub struct VhostUserBlk {
@@ -82,8 +77,7 @@ pub struct VhostUserBlk {
     mem: GuestMemory,
     event_idx: AtomicBool,
     ring_errors: AtomicU64,
-    exit_events: Vec<Mutex<ExitEvent>>,
-    leaked_exit_fds: Mutex<Vec<RawFd>>,
+    exit_events: WorkerExitEvents,
     inflight: RwLock<Option<Arc<InflightRegion>>>,
     /// Per queue: resubmit from the in-flight region before the next pop.
     recover: Vec<AtomicBool>,
@@ -94,12 +88,8 @@ pub struct VhostUserBlk {
 impl VhostUserBlk {
     /// Creates the backend for one connection, with empty guest memory.
     pub fn new(device: Arc<BlockDevice>, layout: QueueLayout) -> Result<Self, VhostUserBlkError> {
-        let mut exit_events = Vec::with_capacity(usize::from(layout.queues));
-        for _ in 0..layout.queues {
-            let pair = new_event_consumer_and_notifier(EventFlag::CLOEXEC)
-                .map_err(VhostUserBlkError::ExitEvent)?;
-            exit_events.push(Mutex::new(Some(pair)));
-        }
+        let exit_events = WorkerExitEvents::new(usize::from(layout.queues))
+            .map_err(VhostUserBlkError::ExitEvent)?;
         Ok(VhostUserBlk {
             device,
             layout,
@@ -107,7 +97,6 @@ impl VhostUserBlk {
             event_idx: AtomicBool::new(false),
             ring_errors: AtomicU64::new(0),
             exit_events,
-            leaked_exit_fds: Mutex::new(Vec::new()),
             inflight: RwLock::new(None),
             recover: (0..layout.queues).map(|_| AtomicBool::new(false)).collect(),
             busy: (0..layout.queues).map(|_| Mutex::new(())).collect(),
@@ -128,18 +117,8 @@ impl VhostUserBlk {
     /// Call only after the `VhostUserDaemon` built on this backend has been dropped:
     /// dropping it joins the worker threads, the only users of these descriptors.
     pub unsafe fn close_exit_fds(&self) {
-        let fds = std::mem::take(
-            &mut *self
-                .leaked_exit_fds
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
-        for fd in fds {
-            // SAFETY: the caller guarantees the workers are gone; vhost-user-backend
-            // converted these descriptors with `into_raw_fd` and never closes them, so
-            // this is the one owner.
-            drop(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
+        // SAFETY: the caller guarantees the daemon, and so every worker, is gone.
+        unsafe { self.exit_events.close_taken() }
     }
 
     fn region(&self) -> Option<Arc<InflightRegion>> {
@@ -372,17 +351,7 @@ impl VhostUserBackend for VhostUserBlk {
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let pair = self
-            .exit_events
-            .get(thread_index)?
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()?;
-        self.leaked_exit_fds
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(pair.0.as_raw_fd());
-        Some(pair)
+        self.exit_events.take(thread_index)
     }
 
     fn handle_event(

@@ -8,9 +8,9 @@
 //! port's link points to it, and when it ends the port goes down: its learned addresses
 //! are forgotten and frames for it are no longer delivered. Other ports never notice.
 
+use plexvm_backend_support::StaleSocketError;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -420,20 +420,13 @@ fn read_tap(switch: &Arc<Switch>, port: PortId, shutdown: &Shutdown) -> Result<(
 
 /// Removes a socket left behind by an earlier run; refuses to remove anything else.
 fn remove_stale_socket(path: &Path) -> Result<(), ServerError> {
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_socket() => {
-            std::fs::remove_file(path).map_err(|source| ServerError::Listen {
-                path: path.to_owned(),
-                source,
-            })
-        }
-        Ok(_) => Err(ServerError::NotASocket(path.to_owned())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(ServerError::Listen {
+    plexvm_backend_support::remove_stale_socket(path).map_err(|e| match e {
+        StaleSocketError::NotASocket => ServerError::NotASocket(path.to_owned()),
+        StaleSocketError::Io(source) => ServerError::Listen {
             path: path.to_owned(),
             source,
-        }),
-    }
+        },
+    })
 }
 
 /// Prints one line per port on stderr and, with `stats_file`, writes the JSON document

@@ -12,8 +12,8 @@
 //! that offers `VIRTIO_NET_F_CTRL_VQ` (which `VIRTIO_NET_F_MQ` requires) handles it
 //! itself and turns `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET` into SET_VRING_ENABLE messages.
 
+use plexvm_backend_support::WorkerExitEvents;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -28,9 +28,7 @@ use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRE
 use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::frame::{vnet_hdr_len, Packet};
 use crate::mac_table::{MacAddr, PortId};
@@ -108,9 +106,6 @@ struct Worker {
     ctx: ForwardCtx,
 }
 
-/// Exit eventfd pair of one worker thread, handed out once to vhost-user-backend.
-type ExitEvent = Option<(EventConsumer, EventNotifier)>;
-
 /// The `VhostUserBackend` of one connection to a VM port.
 #[derive(Debug)]
 pub struct VhostUserNet {
@@ -119,8 +114,7 @@ pub struct VhostUserNet {
     link: Arc<GuestLink>,
     layout: DeviceLayout,
     workers: Vec<Mutex<Worker>>,
-    exit_events: Vec<Mutex<ExitEvent>>,
-    leaked_exit_fds: Mutex<Vec<RawFd>>,
+    exit_events: WorkerExitEvents,
 }
 
 impl VhostUserNet {
@@ -132,12 +126,7 @@ impl VhostUserNet {
         layout: DeviceLayout,
     ) -> Result<Self, VhostUserNetError> {
         let pairs = usize::from(layout.queue_pairs);
-        let mut exit_events = Vec::with_capacity(pairs);
-        for _ in 0..pairs {
-            let pair = new_event_consumer_and_notifier(EventFlag::CLOEXEC)
-                .map_err(VhostUserNetError::ExitEvent)?;
-            exit_events.push(Mutex::new(Some(pair)));
-        }
+        let exit_events = WorkerExitEvents::new(pairs).map_err(VhostUserNetError::ExitEvent)?;
         Ok(VhostUserNet {
             switch,
             port,
@@ -145,7 +134,6 @@ impl VhostUserNet {
             layout,
             workers: (0..pairs).map(|_| Mutex::new(Worker::default())).collect(),
             exit_events,
-            leaked_exit_fds: Mutex::new(Vec::new()),
         })
     }
 
@@ -162,18 +150,8 @@ impl VhostUserNet {
     /// Call only after the `VhostUserDaemon` built on this backend has been dropped:
     /// dropping it joins the worker threads, the only users of these descriptors.
     pub unsafe fn close_exit_fds(&self) {
-        let fds = std::mem::take(
-            &mut *self
-                .leaked_exit_fds
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
-        );
-        for fd in fds {
-            // SAFETY: the caller guarantees the workers are gone; vhost-user-backend
-            // converted these descriptors with `into_raw_fd` and never closes them, so
-            // this is the one owner.
-            drop(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
+        // SAFETY: the caller guarantees the daemon, and so every worker, is gone.
+        unsafe { self.exit_events.close_taken() }
     }
 
     /// Forwards every waiting transmit chain; returns whether any was used.
@@ -294,17 +272,7 @@ impl VhostUserBackend for VhostUserNet {
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let pair = self
-            .exit_events
-            .get(thread_index)?
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()?;
-        self.leaked_exit_fds
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(pair.0.as_raw_fd());
-        Some(pair)
+        self.exit_events.take(thread_index)
     }
 
     fn handle_event(
