@@ -490,3 +490,56 @@ fn a_controller_may_drop_the_server_while_answering() {
     assert!(!path.exists());
     assert!(matches!(client.get_vm(), Err(ClientError::Connect { .. })));
 }
+
+/// A VM whose stop hands its API server to another thread to drop, the way the core's
+/// main thread tears the VM down while the API thread is still answering.
+struct StoppedElsewhereVm {
+    vm: Arc<FakeVm>,
+    server: Mutex<Option<ApiServerHandle>>,
+}
+
+impl VmController for StoppedElsewhereVm {
+    fn info(&self) -> VmInfo {
+        self.vm.info()
+    }
+
+    fn set_state(&self, requested: RequestedState) -> Result<VmInfo, ControlError> {
+        let info = self.vm.set_state(requested)?;
+        if requested == RequestedState::Stopped {
+            let server = self.server.lock().unwrap().take();
+            std::thread::spawn(move || drop(server));
+            // Give the other thread time to be inside Drop before we answer.
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(info)
+    }
+}
+
+#[test]
+fn a_stop_request_is_answered_when_another_thread_drops_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("api.sock");
+    let vm = Arc::new(StoppedElsewhereVm {
+        vm: FakeVm::new(),
+        server: Mutex::new(None),
+    });
+    let server = ApiServer::start(&path, vm.clone()).unwrap();
+    *vm.server.lock().unwrap() = Some(server);
+    let client = ApiClient::new(&path);
+    assert_eq!(
+        client.set_state(RequestedState::Stopped).unwrap().state,
+        VmState::Stopped
+    );
+    assert!(wait_gone(&path), "API socket left behind");
+}
+
+fn wait_gone(path: &Path) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while path.exists() {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}

@@ -72,7 +72,10 @@ pub enum ServerError {
 struct Shared {
     stop: AtomicBool,
     stop_event: EventFd,
-    /// A clone of the connection being served, so that stopping can cut it short.
+    /// A clone of the connection whose request is still being read, so that stopping
+    /// can cut a slow client short. Cleared once the request is in: a request that
+    /// arrived whole (`stop` itself, typically) always gets its answer before the
+    /// handle's Drop finishes joining the thread.
     current: Mutex<Option<UnixStream>>,
 }
 
@@ -263,7 +266,7 @@ fn serve(
                 if !publish_current(shared, &stream) {
                     return;
                 }
-                serve_connection(&stream, controller, request_timeout);
+                serve_connection(&stream, shared, controller, request_timeout);
                 *lock_current(shared) = None;
             }
             Err(e)
@@ -292,7 +295,12 @@ fn publish_current(shared: &Shared, stream: &UnixStream) -> bool {
 }
 
 /// Reads one request, answers it and closes the connection.
-fn serve_connection(stream: &UnixStream, controller: &dyn VmController, timeout: Duration) {
+fn serve_connection(
+    stream: &UnixStream,
+    shared: &Shared,
+    controller: &dyn VmController,
+    timeout: Duration,
+) {
     if let Err(e) = stream
         .set_nonblocking(false)
         .and_then(|()| stream.set_write_timeout(Some(WRITE_TIMEOUT)))
@@ -300,7 +308,12 @@ fn serve_connection(stream: &UnixStream, controller: &dyn VmController, timeout:
         tracing::warn!("cannot set up API connection: {e}");
         return;
     }
-    let response = match http::read_request(stream, Instant::now() + timeout) {
+    let request = http::read_request(stream, Instant::now() + timeout);
+    // From here on the answer is bounded by WRITE_TIMEOUT and LINGER_TIME, so stopping
+    // waits for it instead of cutting the connection (a client asking for `stop` used
+    // to see the connection closed before its answer).
+    *lock_current(shared) = None;
+    let response = match request {
         Ok(request) => {
             let response = router::route(&request, controller);
             tracing::debug!(
