@@ -94,6 +94,7 @@ fn request(device: Device) -> VmRequest {
     VmRequest {
         cmdline: "probe.workload=blk-bench probe.seconds=1 probe.warmup=0".to_string(),
         device,
+        kind: "blk",
         memory_mib: MEMORY_MIB,
         timeout: Duration::from_secs(60),
         sample_memory_at: Some(GO_LINE),

@@ -60,7 +60,7 @@ pub enum GuestError {
     BadResult(String),
 }
 
-/// The guest's block device.
+/// The guest's device (block or network, see [`VmRequest::kind`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Device {
     /// No device at all.
@@ -76,8 +76,10 @@ pub enum Device {
 pub struct VmRequest {
     /// The probe's command line.
     pub cmdline: String,
-    /// Its block device.
+    /// Its device.
     pub device: Device,
+    /// The device's spec `kind` (`"blk"`, `"net"`).
+    pub kind: &'static str,
     /// Guest RAM.
     pub memory_mib: u64,
     /// Longest the VM may take.
@@ -198,8 +200,8 @@ fn write_spec(work: &Path, req: &VmRequest) -> Result<PathBuf, GuestError> {
     let mut spec = toml::Table::new();
     spec.insert("vm".into(), vm.into());
     let mut device = toml::Table::new();
-    device.insert("id".into(), "disk0".into());
-    device.insert("kind".into(), "blk".into());
+    device.insert("id".into(), format!("{}0", req.kind).into());
+    device.insert("kind".into(), req.kind.into());
     match &req.device {
         Device::None => {}
         Device::Exec(argv) => {
@@ -329,6 +331,7 @@ mod tests {
             let req = VmRequest {
                 cmdline: "probe.workload=blk-bench probe.qd=4".into(),
                 device,
+                kind: "blk",
                 memory_mib: 128,
                 timeout: Duration::from_secs(1),
                 sample_memory_at: None,

@@ -7,6 +7,10 @@
 //! measures the core's own launch time and memory overhead. Repetitions are
 //! interleaved; the outputs are `results.json`, `results.md` and one SVG chart per
 //! scenario.
+//!
+//! `plexvm-perf net` does the same for the network path: two probe VMs running the
+//! `net-echo` workload through plexvm-net and through `dpdk-testpmd` (`net.json`,
+//! `net.md`).
 
 pub mod ceiling;
 pub mod chart;
@@ -15,6 +19,8 @@ pub mod costs;
 pub mod guest;
 pub mod image;
 pub mod machine;
+pub mod net_bench;
+pub mod net_report;
 pub mod plan;
 pub mod process;
 pub mod report;
@@ -215,7 +221,7 @@ fn run_matrix(setup: &RunSetup, work: &Path, images: &[(Storage, Image)]) -> Vec
 }
 
 /// The 1-minute load average (0 when unreadable).
-fn load_average() -> f64 {
+pub(crate) fn load_average() -> f64 {
     std::fs::read_to_string("/proc/loadavg")
         .ok()
         .and_then(|t| t.split_whitespace().next()?.parse().ok())

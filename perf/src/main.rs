@@ -22,6 +22,8 @@ enum Command {
     Run(Box<RunArgs>),
     /// Container start-up: `run` of /bin/true, plexvm-shim against runc.
     Containers(ContainersArgs),
+    /// Network path: two probe VMs exchanging frames through plexvm-net and dpdk-testpmd.
+    Net(NetArgs),
     /// List the scenarios and backends.
     List,
 }
@@ -75,6 +77,81 @@ fn containers(args: ContainersArgs) -> Result<()> {
         serde_json::to_vec_pretty(&results)?,
     )?;
     println!("{md}");
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+struct NetArgs {
+    /// Fewer repetitions and shorter runs.
+    #[arg(long)]
+    quick: bool,
+    /// Scenario (repeatable): rtt-64, pps-64, pps-1500. Default: all.
+    #[arg(long = "scenario", value_name = "NAME")]
+    scenarios: Vec<String>,
+    /// Switch (repeatable): plexvm-net, testpmd. Default: both.
+    #[arg(long = "backend", value_name = "NAME")]
+    backends: Vec<String>,
+    /// Repetitions (default 5, --quick 2).
+    #[arg(long)]
+    reps: Option<u32>,
+    /// Measured seconds per repetition (default 5, --quick 2).
+    #[arg(long)]
+    seconds: Option<u64>,
+    /// Warm-up seconds (default 1).
+    #[arg(long)]
+    warmup: Option<u64>,
+    /// Output folder for net.md and net.json (default perf/out/<timestamp>).
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Folder holding plexvm and plexvm-net (default: this program's folder).
+    #[arg(long, value_name = "DIR")]
+    bin_dir: Option<PathBuf>,
+    /// dpdk-testpmd program (Debian package dpdk-dev).
+    #[arg(long, value_name = "PATH", default_value = "dpdk-testpmd")]
+    testpmd: PathBuf,
+}
+
+fn this_dir() -> Result<PathBuf> {
+    Ok(std::env::current_exe()
+        .context("cannot find this program's path")?
+        .parent()
+        .map(PathBuf::from)
+        .unwrap_or_default())
+}
+
+fn net(args: NetArgs) -> Result<()> {
+    use plexvm_perf::{net_bench, net_report};
+    let plan = net_report::NetPlan {
+        scenarios: net_bench::select_scenarios(&args.scenarios)?,
+        subjects: net_bench::select_subjects(&args.backends)?,
+        reps: args.reps.unwrap_or(if args.quick { 2 } else { 5 }),
+        seconds: args.seconds.unwrap_or(if args.quick { 2 } else { 5 }),
+        warmup: args.warmup.unwrap_or(1),
+    };
+    anyhow::ensure!(
+        plan.reps > 0 && plan.seconds > 0,
+        "--reps and --seconds must be at least 1"
+    );
+    let dir = match args.bin_dir {
+        Some(d) => d,
+        None => this_dir()?,
+    };
+    let bins = net_report::find_binaries(&dir, args.testpmd).map_err(|p| {
+        anyhow::anyhow!(
+            "{} not found: build it first (`cargo build --release -p plexvm -p plexvm-net -p plexvm-perf`) or pass --bin-dir",
+            p.display()
+        )
+    })?;
+    let out = args.out.unwrap_or_else(default_out);
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let results = net_report::run(&plan, &bins, &out, command)
+        .with_context(|| format!("cannot write results into {}", out.display()))?;
+    let failed = results.records.iter().filter(|r| r.error.is_some()).count();
+    eprintln!(
+        "plexvm-perf: wrote {}/net.json and net.md ({failed} failed repetitions)",
+        out.display()
+    );
+    println!("{}", net_report::headline(&results));
     Ok(())
 }
 
@@ -210,6 +287,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(*args),
         Command::Containers(args) => containers(args),
+        Command::Net(args) => net(args),
         Command::List => {
             list();
             Ok(())

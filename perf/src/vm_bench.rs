@@ -142,6 +142,7 @@ pub fn run(
     let request = VmRequest {
         cmdline: probe_cmdline(scenario, settings, scenario.irq),
         device,
+        kind: "blk",
         memory_mib: MEMORY_MIB,
         timeout: Duration::from_secs(settings.warmup + settings.seconds + 60),
         sample_memory_at: None,
