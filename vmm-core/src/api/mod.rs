@@ -72,3 +72,69 @@ pub enum ControlError {
     #[error("{0}")]
     BadRequest(String),
 }
+
+/// Reads `bytes` as one request arriving on an API connection, routes it to
+/// `controller` and returns the response's status code, or `None` when the bytes end
+/// before a whole request (the server then closes without answering). The server's own
+/// reader and router, over a socket pair; for the fuzz target (fuzz/) and tests.
+#[doc(hidden)]
+pub fn answer_raw_request(bytes: &[u8], controller: &dyn VmController) -> Option<u16> {
+    use std::io::Write;
+    use std::net::Shutdown;
+    use std::os::unix::net::UnixStream;
+    use std::time::{Duration, Instant};
+
+    let (mut client, server) = UnixStream::pair().ok()?;
+    // The reader stops at its own size limits; a writer thread keeps a large input
+    // from filling the socket buffer before anything reads it.
+    let input = bytes.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = client.write_all(&input);
+        let _ = client.shutdown(Shutdown::Write);
+        client
+    });
+    let response = match http::read_request(&server, Instant::now() + Duration::from_secs(1)) {
+        Ok(request) => Some(router::route(&request, controller).status()),
+        Err(e) => e.status(),
+    };
+    drop(server);
+    let _ = writer.join();
+    response
+}
+
+#[cfg(test)]
+mod raw_tests {
+    use super::*;
+    use plexvm_protocol::api::VmState;
+
+    struct Idle;
+
+    impl VmController for Idle {
+        fn info(&self) -> VmInfo {
+            VmInfo {
+                name: "vm".into(),
+                state: VmState::Running,
+                vcpus: 1,
+                memory_mib: 64,
+                pid: 1,
+                devices: Vec::new(),
+            }
+        }
+
+        fn set_state(&self, _: RequestedState) -> Result<VmInfo, ControlError> {
+            Err(ControlError::Conflict("no".into()))
+        }
+    }
+
+    #[test]
+    fn raw_requests_get_the_servers_answers() {
+        let get = b"GET /vm HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(answer_raw_request(get, &Idle), Some(200));
+        let put = b"PUT /vm/state HTTP/1.1\r\nContent-Length: 19\r\n\r\n{\"state\":\"paused\"}\n";
+        assert_eq!(answer_raw_request(put, &Idle), Some(409));
+        assert_eq!(answer_raw_request(b"\x00\xff garbage\r\n\r\n", &Idle), Some(400));
+        assert_eq!(answer_raw_request(b"GET /vm HTTP/1.1\r\n", &Idle), None);
+        let huge = vec![b'a'; 1 << 20];
+        assert!(answer_raw_request(&huge, &Idle).is_some_and(|s| s >= 400));
+    }
+}
