@@ -132,7 +132,10 @@ mod raw_tests {
         assert_eq!(answer_raw_request(get, &Idle), Some(200));
         let put = b"PUT /vm/state HTTP/1.1\r\nContent-Length: 19\r\n\r\n{\"state\":\"paused\"}\n";
         assert_eq!(answer_raw_request(put, &Idle), Some(409));
-        assert_eq!(answer_raw_request(b"\x00\xff garbage\r\n\r\n", &Idle), Some(400));
+        assert_eq!(
+            answer_raw_request(b"\x00\xff garbage\r\n\r\n", &Idle),
+            Some(400)
+        );
         assert_eq!(answer_raw_request(b"GET /vm HTTP/1.1\r\n", &Idle), None);
         let huge = vec![b'a'; 1 << 20];
         assert!(answer_raw_request(&huge, &Idle).is_some_and(|s| s >= 400));
