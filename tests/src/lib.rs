@@ -14,6 +14,7 @@ pub mod ext_image;
 pub mod initramfs;
 pub mod net_guest;
 pub mod prereq;
+pub mod probe_vm;
 pub mod qemu;
 pub mod vhost_backends;
 

@@ -28,8 +28,11 @@ pub enum CmdlineError<'a> {
         value: &'a str,
     },
     /// `probe.workload=` names no known workload.
-    #[error("unknown workload {0:?} (known: blk-verify, blk-abuse, blk-bench)")]
+    #[error("unknown workload {0:?} (known: blk-verify, blk-abuse, blk-bench, net-echo)")]
     UnknownWorkload(&'a str),
+    /// `probe.workload=net-echo` without `probe.role=send|echo`.
+    #[error("net-echo needs probe.role=send or probe.role=echo")]
+    MissingRole,
     /// More than [`MAX_DEVICES`] `virtio_mmio.device=` entries.
     #[error("more than {MAX_DEVICES} virtio_mmio.device entries")]
     TooManyDevices,
@@ -44,6 +47,8 @@ pub enum Workload {
     BlkAbuse,
     /// Timed I/O at a fixed queue depth: completions and a latency histogram.
     BlkBench,
+    /// Numbered Ethernet frames sent to a peer probe and echoed back.
+    NetEcho,
 }
 
 impl Workload {
@@ -53,13 +58,19 @@ impl Workload {
             Workload::BlkVerify => "blk-verify",
             Workload::BlkAbuse => "blk-abuse",
             Workload::BlkBench => "blk-bench",
+            Workload::NetEcho => "net-echo",
         }
     }
 
     fn from_name(name: &str) -> Option<Workload> {
-        [Workload::BlkVerify, Workload::BlkAbuse, Workload::BlkBench]
-            .into_iter()
-            .find(|w| w.name() == name)
+        [
+            Workload::BlkVerify,
+            Workload::BlkAbuse,
+            Workload::BlkBench,
+            Workload::NetEcho,
+        ]
+        .into_iter()
+        .find(|w| w.name() == name)
     }
 }
 
@@ -144,6 +155,57 @@ impl Default for BenchParams {
     }
 }
 
+/// Smallest net-echo frame (`probe.size=`): the Ethernet minimum without FCS.
+pub const MIN_FRAME: u16 = 60;
+/// Largest net-echo frame: a 1500-byte MTU plus the 14-byte Ethernet header.
+pub const MAX_FRAME: u16 = 1514;
+/// Most frames net-echo's sender keeps outstanding (`probe.window=`).
+pub const MAX_WINDOW: u16 = 64;
+
+/// Which side of a net-echo pair this probe is (`probe.role=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Sends numbered frames and checks what comes back.
+    Send,
+    /// Returns every frame to its sender.
+    Echo,
+}
+
+impl Role {
+    /// The name used on the command line and in result lines.
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Send => "send",
+            Role::Echo => "echo",
+        }
+    }
+}
+
+/// net-echo parameters (`probe.role=`, `probe.size=`, `probe.window=`,
+/// `probe.timeout=`; the warm-up is `probe.warmup=`, the time `probe.seconds=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NetParams {
+    /// Sender or echo; required with `probe.workload=net-echo`.
+    pub role: Option<Role>,
+    /// Ethernet frame bytes (no virtio-net header), [`MIN_FRAME`]..=[`MAX_FRAME`].
+    pub size: u16,
+    /// Frames outstanding at once, 1..=[`MAX_WINDOW`].
+    pub window: u16,
+    /// Milliseconds after which an unanswered frame counts as lost, 1..=60000.
+    pub timeout_ms: u64,
+}
+
+impl Default for NetParams {
+    fn default() -> Self {
+        NetParams {
+            role: None,
+            size: 64,
+            window: 1,
+            timeout_ms: 100,
+        }
+    }
+}
+
 /// One `virtio_mmio.device=<size>@<base>:<irq>` entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MmioDevice {
@@ -164,8 +226,10 @@ pub struct Config {
     pub seed: u64,
     /// `probe.seconds=`, default 0 = one pass (blk-bench: 0 means 5 s).
     pub seconds: u64,
-    /// blk-bench parameters.
+    /// blk-bench parameters (`warmup` also for net-echo).
     pub bench: BenchParams,
+    /// net-echo parameters.
+    pub net: NetParams,
     devices: [Option<MmioDevice>; MAX_DEVICES],
     device_count: usize,
 }
@@ -177,6 +241,7 @@ impl Default for Config {
             seed: 1,
             seconds: 0,
             bench: BenchParams::default(),
+            net: NetParams::default(),
             devices: [None; MAX_DEVICES],
             device_count: 0,
         }
@@ -217,6 +282,9 @@ pub fn parse(cmdline: &str) -> Result<Config, CmdlineError<'_>> {
             config.push_device(device)?;
         }
     }
+    if config.workload == Workload::NetEcho && config.net.role.is_none() {
+        return Err(CmdlineError::MissingRole);
+    }
     Ok(config)
 }
 
@@ -253,6 +321,30 @@ fn apply_probe_key<'a>(
                 "off" => false,
                 _ => return Err(bad()),
             }
+        }
+        "role" => {
+            config.net.role = Some(match value {
+                "send" => Role::Send,
+                "echo" => Role::Echo,
+                _ => return Err(bad()),
+            })
+        }
+        "size" => {
+            config.net.size = parse_number(value)
+                .and_then(|n| u16::try_from(n).ok())
+                .filter(|n| (MIN_FRAME..=MAX_FRAME).contains(n))
+                .ok_or_else(bad)?
+        }
+        "window" => {
+            config.net.window = parse_number(value)
+                .and_then(|n| u16::try_from(n).ok())
+                .filter(|n| (1..=MAX_WINDOW).contains(n))
+                .ok_or_else(bad)?
+        }
+        "timeout" => {
+            config.net.timeout_ms = parse_number(value)
+                .filter(|n| (1..=60_000).contains(n))
+                .ok_or_else(bad)?
         }
         _ => return Err(CmdlineError::UnknownKey(key)),
     }
@@ -438,6 +530,51 @@ mod tests {
             "probe.rw=mix:",
             "probe.irq=yes",
             "probe.warmup=x",
+        ] {
+            assert!(
+                matches!(parse(line), Err(CmdlineError::BadValue { .. })),
+                "{line} should be rejected"
+            );
+        }
+    }
+
+    #[test]
+    fn net_keys() {
+        let config = parse(
+            "probe.workload=net-echo probe.role=send probe.size=1514 probe.window=32 \
+             probe.timeout=500 probe.warmup=2 probe.seconds=3",
+        )
+        .unwrap();
+        assert_eq!(config.workload, Workload::NetEcho);
+        assert_eq!(
+            config.net,
+            NetParams {
+                role: Some(Role::Send),
+                size: 1514,
+                window: 32,
+                timeout_ms: 500
+            }
+        );
+        assert_eq!(config.bench.warmup, 2);
+        assert_eq!(config.seconds, 3);
+        let echo = parse("probe.workload=net-echo probe.role=echo").unwrap();
+        assert_eq!(echo.net.role, Some(Role::Echo));
+        assert_eq!((echo.net.size, echo.net.window), (64, 1));
+        assert_eq!(
+            parse("probe.workload=net-echo"),
+            Err(CmdlineError::MissingRole)
+        );
+        for line in [
+            "probe.role=sender",
+            "probe.role=",
+            "probe.size=59",
+            "probe.size=1515",
+            "probe.size=0x",
+            "probe.size=65596",
+            "probe.window=0",
+            "probe.window=65",
+            "probe.timeout=0",
+            "probe.timeout=60001",
         ] {
             assert!(
                 matches!(parse(line), Err(CmdlineError::BadValue { .. })),

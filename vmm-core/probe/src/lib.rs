@@ -17,6 +17,7 @@ pub mod cmdline;
 pub mod console;
 pub mod histogram;
 pub mod memory;
+pub mod netframe;
 pub mod pattern;
 pub mod rng;
 pub mod time;

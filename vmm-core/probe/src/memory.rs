@@ -84,6 +84,27 @@ impl PhysAlloc {
         words.fill(0);
         Ok(words)
     }
+
+    /// `len` copies of `value` as `u64`s, page aligned.
+    pub fn alloc_u64s(
+        &mut self,
+        len: usize,
+        value: u64,
+    ) -> Result<&'static mut [u64], OutOfMemory> {
+        let bytes = u64::try_from(len)
+            .ok()
+            .and_then(|n| n.checked_mul(8))
+            .ok_or(OutOfMemory {
+                wanted: u64::MAX,
+                left: self.remaining(),
+            })?;
+        let addr = self.alloc(bytes, PAGE_SIZE)?;
+        // SAFETY: as in `alloc_bytes`; the address is page aligned, so aligned for u64,
+        // and every bit pattern is a valid u64.
+        let words = unsafe { core::slice::from_raw_parts_mut(addr as *mut u64, len) };
+        words.fill(value);
+        Ok(words)
+    }
 }
 
 #[cfg(test)]
@@ -101,15 +122,18 @@ pub(crate) mod tests {
 
     #[test]
     fn aligned_disjoint_and_bounded() {
-        let mut alloc = host_alloc(3 * PAGE_SIZE as usize);
+        let mut alloc = host_alloc(4 * PAGE_SIZE as usize);
         let a = alloc.alloc(10, 16).unwrap();
         let b = alloc.alloc(10, PAGE_SIZE).unwrap();
         assert_eq!(b % PAGE_SIZE, 0);
         assert!(b >= a + 10);
         let words = alloc.alloc_u32s(100).unwrap();
         assert!(words.iter().all(|&w| w == 0));
+        let longs = alloc.alloc_u64s(10, 7).unwrap();
+        assert!(longs.iter().all(|&w| w == 7));
         assert!(alloc.alloc_bytes(10 * PAGE_SIZE as usize).is_err());
         assert!(alloc.alloc(u64::MAX, 1).is_err());
         assert!(alloc.alloc_u32s(usize::MAX).is_err());
+        assert!(alloc.alloc_u64s(usize::MAX, 0).is_err());
     }
 }

@@ -1,9 +1,10 @@
 //! A polling virtio driver: the virtio-mmio version 2 transport, split virtqueues,
-//! and the block device. Virtio 1.2 spec sections are cited where behaviour is
+//! the block and network devices. Virtio 1.2 spec sections are cited where behaviour is
 //! defined by it.
 
 pub mod blk;
 pub mod mmio;
+pub mod net;
 pub mod queue;
 
 /// Device status bits (virtio 1.2, 2.1).

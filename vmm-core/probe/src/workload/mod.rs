@@ -1,9 +1,10 @@
 //! The workloads (`probe.workload=`). Each is a module with a
-//! `run(&mut Env) -> ExitCode`; new ones (blk-bench, net-echo) go beside them.
+//! `run(&mut Env) -> ExitCode`; new ones go beside them.
 
 pub mod blk_abuse;
 pub mod blk_bench;
 pub mod blk_verify;
+pub mod net_echo;
 
 use crate::cmdline::{Config, MmioDevice, Workload};
 use crate::console::{Chain, ExitCode};
@@ -38,6 +39,7 @@ pub fn run(env: &mut Env) -> ExitCode {
         Workload::BlkVerify => blk_verify::run(env),
         Workload::BlkAbuse => blk_abuse::run(env),
         Workload::BlkBench => blk_bench::run(env),
+        Workload::NetEcho => net_echo::run(env),
     }
 }
 
@@ -110,5 +112,33 @@ pub fn open_block_device_with(env: &mut Env, extra: u64) -> Option<BlkDevice> {
         }
     }
     serial_println!("probe: error: no usable virtio block device");
+    None
+}
+
+/// The transport of the first device on the command line with DeviceID `id`. Called
+/// once per run: the transport owns the window.
+pub fn find_transport(env: &Env, id: u32) -> Option<MmioTransport> {
+    for device in env.config.devices() {
+        let Some(transport) = transport_for(env, &device) else {
+            serial_println!(
+                "probe: ignoring virtio-mmio window {:#x}+{:#x}: not a plausible MMIO address",
+                device.base,
+                device.size
+            );
+            continue;
+        };
+        match transport.device_id() {
+            Ok(found) if found == id => {
+                serial_println!(
+                    "probe: virtio-mmio {:#x} irq {}: device id {id}",
+                    device.base,
+                    device.irq
+                );
+                return Some(transport);
+            }
+            Ok(_) => {}
+            Err(error) => serial_println!("probe: virtio-mmio {:#x}: {error}", device.base),
+        }
+    }
     None
 }
