@@ -21,6 +21,9 @@ pub const MEMORY_MIB: u64 = 64;
 /// How long the echo VM waits for a first or next frame before it gives up (so a
 /// failed sender does not leave it running for long).
 const ECHO_IDLE_SECONDS: u64 = 20;
+/// The sender's lost-frame timeout (`probe.timeout`, ms): round trips of hundreds of
+/// ms happen on this loaded nested machine, and a late frame is not a lost one.
+const LOST_AFTER_MS: u64 = 1000;
 /// How long a switch may take to create its two sockets (testpmd maps its memory
 /// pool first, which takes seconds here).
 const SWITCH_START: Duration = Duration::from_secs(60);
@@ -191,7 +194,7 @@ pub enum NetBenchError {
 pub fn sender_cmdline(scenario: &NetScenario, seconds: u64, warmup: u64) -> String {
     format!(
         "probe.workload=net-echo probe.role=send probe.size={} probe.window={} \
-         probe.seconds={seconds} probe.warmup={warmup}",
+         probe.seconds={seconds} probe.warmup={warmup} probe.timeout={LOST_AFTER_MS}",
         scenario.size, scenario.window
     )
 }
@@ -417,7 +420,7 @@ mod tests {
         assert_eq!(
             sender_cmdline(&NET_SCENARIOS[1], 5, 1),
             "probe.workload=net-echo probe.role=send probe.size=64 probe.window=32 \
-             probe.seconds=5 probe.warmup=1"
+             probe.seconds=5 probe.warmup=1 probe.timeout=1000"
         );
         let sockets = [PathBuf::from("/x/a.sock"), PathBuf::from("/x/b.sock")];
         let c = testpmd_command(Path::new("dpdk-testpmd"), &sockets);
