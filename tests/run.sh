@@ -24,6 +24,7 @@ PACKAGES=(
   cpio                 # initramfs archives
   kmod                 # modinfo/depmod for building initramfs module sets
   iproute2             # network namespaces and tap devices
+  dpdk-dev             # dpdk-testpmd: the reference vhost-user-net switch (perf's net smoke test)
   coreutils
 )
 missing=()
