@@ -5,7 +5,12 @@
 //! backend process, if the core spawned one: dropping it stops the process (SIGTERM, a
 //! short grace, SIGKILL) and reaps it. [`Backend::exit_watch`] lets the event loop notice
 //! a backend that exits while the VM runs.
+//!
+//! Launch time: [`spawn_early`] starts the `exec` backends before the VM is built, so that
+//! they start up while the core sets up KVM and guest memory; [`start`] then connects to
+//! the process spawned early for the device instead of spawning one.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -27,7 +32,29 @@ pub const STOP_GRACE: Duration = Duration::from_millis(500);
 /// How many of a backend's last stderr lines are kept for error messages.
 pub const STDERR_TAIL_LINES: usize = 20;
 const MAX_LINE: usize = 4096;
-const POLL: Duration = Duration::from_millis(10);
+/// First pause between attempts to connect to a starting backend. plexvm-blk listens
+/// a few ms after exec here, and a fixed 10 ms poll cost up to 10 ms of launch time
+/// (perf/results/NOTES.md); connect() on a missing socket costs a few µs.
+const RETRY_FIRST: Duration = Duration::from_micros(100);
+/// Longest pause between attempts: bounds the time lost once the socket is there.
+const RETRY_MAX: Duration = Duration::from_millis(1);
+
+/// Pauses between connection attempts: 100 µs doubling up to 1 ms.
+#[derive(Debug)]
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff(RETRY_FIRST)
+    }
+
+    /// Sleeps for the next pause, but not past `deadline`.
+    fn sleep(&mut self, deadline: Instant) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        std::thread::sleep(self.0.min(left));
+        self.0 = (self.0 * 2).min(RETRY_MAX);
+    }
+}
 
 /// Errors starting or attaching to a backend.
 #[derive(Debug, thiserror::Error)]
@@ -124,8 +151,9 @@ impl Backend {
         };
         let deadline = Instant::now() + EXIT_WAIT;
         let mut status = process.try_exit_status();
+        let mut backoff = Backoff::new();
         while status.is_none() && Instant::now() < deadline {
-            std::thread::sleep(POLL);
+            backoff.sleep(deadline);
             status = process.try_exit_status();
         }
         let what = match status {
@@ -186,11 +214,19 @@ pub fn start(
     match &device.backend {
         BackendSource::Exec(argv) => {
             let socket = backend_socket(vm_runtime_dir, &device.id);
-            let exe_dir = std::env::current_exe()
-                .ok()
-                .and_then(|p| p.parent().map(Path::to_path_buf));
-            let (process, stream) =
-                BackendProcess::spawn(&device.id, argv, exe_dir.as_deref(), base_dir, &socket)?;
+            let (process, stream) = match take_early(&socket) {
+                Some(process) => {
+                    let stream = process.wait_for_socket(SPAWN_TIMEOUT)?;
+                    (process, stream)
+                }
+                None => BackendProcess::spawn(
+                    &device.id,
+                    argv,
+                    exe_dir().as_deref(),
+                    base_dir,
+                    &socket,
+                )?,
+            };
             let backend = Backend {
                 socket,
                 process: Some(process),
@@ -206,6 +242,74 @@ pub fn start(
             Ok((backend, stream))
         }
     }
+}
+
+/// The folder of the running program, where `exec` backends are looked for first.
+fn exe_dir() -> Option<PathBuf> {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+}
+
+thread_local! {
+    /// Processes spawned by [`spawn_early`] on this thread and not yet taken by [`start`].
+    /// Per thread because a backend is tied to the thread that spawned it
+    /// (PR_SET_PDEATHSIG), so the thread that builds the VM must also spawn them.
+    static EARLY: RefCell<Vec<BackendProcess>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_early(socket: &Path) -> Option<BackendProcess> {
+    EARLY.with_borrow_mut(|early| {
+        let at = early.iter().position(|p| p.socket == socket)?;
+        Some(early.swap_remove(at))
+    })
+}
+
+/// The `exec` backends spawned by [`spawn_early`]; dropping it stops those that
+/// [`start`] did not take (the VM set-up failed before reaching them).
+#[derive(Debug)]
+#[must_use = "dropping it stops the backends spawned early"]
+pub struct EarlyBackends {
+    sockets: Vec<PathBuf>,
+}
+
+impl Drop for EarlyBackends {
+    fn drop(&mut self) {
+        let left: Vec<BackendProcess> = EARLY.with_borrow_mut(|early| {
+            let (left, keep) = std::mem::take(early)
+                .into_iter()
+                .partition(|p| self.sockets.contains(&p.socket));
+            *early = keep;
+            left
+        });
+        // Stopped outside the borrow: each drop waits for its process to end.
+        drop(left);
+    }
+}
+
+/// Spawns the `exec` backends of `devices` without waiting for them, so that they start
+/// while the core builds the VM; [`start`], called later on the same thread with the same
+/// `vm_runtime_dir`, connects to them. `socket` backends are left to [`start`].
+pub fn spawn_early(
+    devices: &[DeviceConfig],
+    vm_runtime_dir: &Path,
+    base_dir: &Path,
+) -> Result<EarlyBackends, BackendError> {
+    let mut spawned = EarlyBackends {
+        sockets: Vec::new(),
+    };
+    let exe_dir = exe_dir();
+    for device in devices {
+        let BackendSource::Exec(argv) = &device.backend else {
+            continue;
+        };
+        let socket = backend_socket(vm_runtime_dir, &device.id);
+        let process =
+            BackendProcess::launch(&device.id, argv, exe_dir.as_deref(), base_dir, &socket)?;
+        spawned.sockets.push(socket);
+        EARLY.with_borrow_mut(|early| early.push(process));
+    }
+    Ok(spawned)
 }
 
 /// The socket path of the `generation`-th backend spawned for device `id`: the first one
@@ -229,11 +333,8 @@ pub fn start_source(
 ) -> Result<(Backend, UnixStream), BackendError> {
     match source {
         BackendSource::Exec(argv) => {
-            let exe_dir = std::env::current_exe()
-                .ok()
-                .and_then(|p| p.parent().map(Path::to_path_buf));
             let (process, stream) =
-                BackendProcess::spawn(id, argv, exe_dir.as_deref(), base_dir, socket)?;
+                BackendProcess::spawn(id, argv, exe_dir().as_deref(), base_dir, socket)?;
             let backend = Backend {
                 socket: socket.to_path_buf(),
                 process: Some(process),
@@ -287,6 +388,7 @@ pub fn connect_with_retry(
     timeout: Duration,
 ) -> Result<UnixStream, BackendError> {
     let deadline = Instant::now() + timeout;
+    let mut backoff = Backoff::new();
     loop {
         match UnixStream::connect(socket) {
             Ok(s) => return Ok(s),
@@ -297,7 +399,7 @@ pub fn connect_with_retry(
                     source: e,
                 })
             }
-            Err(_) => std::thread::sleep(POLL),
+            Err(_) => backoff.sleep(deadline),
         }
     }
 }
@@ -401,6 +503,19 @@ impl BackendProcess {
         socket: &Path,
         timeout: Duration,
     ) -> Result<(Self, UnixStream), BackendError> {
+        let process = Self::launch(device, argv, exe_dir, base_dir, socket)?;
+        let stream = process.wait_for_socket(timeout)?;
+        Ok((process, stream))
+    }
+
+    /// Spawns `argv` plus `--socket socket` and returns at once.
+    fn launch(
+        device: &str,
+        argv: &[String],
+        exe_dir: Option<&Path>,
+        base_dir: &Path,
+        socket: &Path,
+    ) -> Result<Self, BackendError> {
         let name = argv.first().map(String::as_str).unwrap_or_default();
         let program =
             resolve_program(name, exe_dir, base_dir).ok_or_else(|| BackendError::NotFound {
@@ -447,16 +562,14 @@ impl BackendProcess {
                 tail.finish();
             }
         }
-        let process = BackendProcess {
+        Ok(BackendProcess {
             device: device.to_string(),
             program,
             pid: child.id(),
             child: Arc::new(Mutex::new(child)),
             stderr: tail,
             socket: socket.to_path_buf(),
-        };
-        let stream = process.wait_for_socket(timeout)?;
-        Ok((process, stream))
+        })
     }
 
     /// The process id.
@@ -481,6 +594,7 @@ impl BackendProcess {
 
     fn wait_for_socket(&self, timeout: Duration) -> Result<UnixStream, BackendError> {
         let deadline = Instant::now() + timeout;
+        let mut backoff = Backoff::new();
         loop {
             if let Some(status) = self.try_exit_status() {
                 return Err(BackendError::ExitedEarly {
@@ -508,7 +622,7 @@ impl BackendProcess {
                     stderr: self.stderr.lines(Duration::ZERO),
                 });
             }
-            std::thread::sleep(POLL);
+            backoff.sleep(deadline);
         }
     }
 
@@ -544,9 +658,12 @@ impl Drop for BackendProcess {
             // SAFETY: kill() with a pid and a signal number has no memory effects; the
             // child is not reaped (try_wait just said so), so the pid is still ours.
             unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
+            // Backends exit within a few ms of SIGTERM: a fine poll keeps the VM's end
+            // (and a restart) from waiting a whole poll interval for each of them.
             let deadline = Instant::now() + STOP_GRACE;
+            let mut backoff = Backoff::new();
             while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(POLL);
+                backoff.sleep(deadline);
             }
             if let Ok(None) = child.try_wait() {
                 let _ = child.kill();
@@ -729,6 +846,60 @@ mod tests {
         // The stream has ended with the process: wait for the forwarding thread.
         let tail = p.stderr.lines(Duration::from_secs(10));
         assert!(tail.iter().any(|l| l == "listening"), "{tail:?}");
+    }
+
+    fn exec_device(id: &str, args: &[&str]) -> DeviceConfig {
+        DeviceConfig {
+            id: id.into(),
+            kind: plexvm_protocol::spec::DeviceKind::Blk,
+            backend: BackendSource::Exec(argv(args)),
+            restart: Default::default(),
+        }
+    }
+
+    #[test]
+    fn start_connects_to_the_backend_spawned_early() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = exec_device("d", &["python3", "-c", LISTENER]);
+        let early = spawn_early(std::slice::from_ref(&device), dir.path(), dir.path()).unwrap();
+        let pid = EARLY.with_borrow(|e| e.iter().map(BackendProcess::pid).collect::<Vec<_>>());
+        assert_eq!(pid.len(), 1);
+        let (backend, _stream) = start(&device, dir.path(), dir.path()).unwrap();
+        assert_eq!(
+            backend.pid(),
+            Some(pid[0]),
+            "start spawned a second backend"
+        );
+        assert!(EARLY.with_borrow(Vec::is_empty));
+        drop(early);
+        // Taken by start: dropping the early set leaves it running.
+        assert!(alive(pid[0]));
+        drop(backend);
+        assert!(!alive(pid[0]));
+    }
+
+    #[test]
+    fn backends_spawned_early_but_never_connected_are_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let devices = [
+            exec_device("a", &["sh", "-c", "exec sleep 30"]),
+            exec_device("b", &["sh", "-c", "exec sleep 30"]),
+        ];
+        let early = spawn_early(&devices, dir.path(), dir.path()).unwrap();
+        let pids = EARLY.with_borrow(|e| e.iter().map(BackendProcess::pid).collect::<Vec<_>>());
+        assert_eq!(pids.len(), 2);
+        assert!(pids.iter().all(|p| alive(*p)));
+        drop(early);
+        assert!(pids.iter().all(|p| !alive(*p)), "left running: {pids:?}");
+        assert!(EARLY.with_borrow(Vec::is_empty));
+        // A missing program fails the early spawn with the same error as `start`.
+        let err = spawn_early(
+            &[exec_device("c", &["plexvm-nope"])],
+            dir.path(),
+            dir.path(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, BackendError::NotFound { .. }), "{err}");
     }
 
     #[test]

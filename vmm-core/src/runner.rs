@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::boot::{self, BootError};
 use crate::devices::bus::Bus;
 use crate::devices::legacy::{self, ExitPort, ExitSender, GuestExit, IrqLine, SerialPort, I8042};
+use crate::devices::serial_buffer::{line_buffered, SerialFlusher};
 use crate::devices::{MmioDevice, PioDevice};
 use crate::memory::{create_guest_memory, MemoryError};
 use crate::vcpu::{configure_vcpu, ExitHandlers, RunState, VcpuError, VcpuSet};
@@ -231,16 +232,24 @@ fn device_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunErro
     }
 }
 
+/// The port-I/O bus with COM1, the i8042 and the exit port, and the handle that flushes
+/// COM1's line buffer.
+type PlatformDevices = (Bus<dyn PioDevice>, SerialFlusher<SerialOut>);
+
 fn platform_devices(
     vm: &Vm,
     serial: SerialOut,
     exit: &Sender<GuestExit>,
-) -> Result<Bus<dyn PioDevice>, RunError> {
+) -> Result<PlatformDevices, RunError> {
     let mut pio: Bus<dyn PioDevice> = Bus::new();
     let com1_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(device_err("COM1"))?;
     vm.fd()
         .register_irqfd(&com1_irq, legacy::COM1_IRQ)
         .map_err(|e| device_err("COM1")(std::io::Error::from_raw_os_error(e.errno())))?;
+    let (serial, flusher) = line_buffered(serial).map_err(|e| RunError::Device {
+        what: "COM1".into(),
+        source: Box::new(e),
+    })?;
     let com1: Arc<Mutex<dyn PioDevice>> =
         Arc::new(Mutex::new(SerialPort::new(IrqLine(com1_irq), serial)));
     let i8042: Arc<Mutex<dyn PioDevice>> =
@@ -256,7 +265,7 @@ fn platform_devices(
     insert(&mut pio, legacy::COM1_BASE, 8, com1, "COM1")?;
     insert(&mut pio, legacy::I8042_BASE, 5, i8042, "i8042")?;
     insert(&mut pio, legacy::EXIT_PORT, 1, exit_port, "the exit port")?;
-    Ok(pio)
+    Ok((pio, flusher))
 }
 
 fn load_kernel(vm: &Vm, kernel: &KernelSource) -> Result<boot::LoadedKernel, RunError> {
@@ -325,24 +334,32 @@ pub struct PreparedVm {
     exits: Receiver<GuestExit>,
     exit_tx: Sender<GuestExit>,
     devices: VirtioDevices,
+    serial: SerialFlusher<SerialOut>,
     _runtime_dir: RuntimeDir,
 }
 
 /// Creates the VM, its devices and backends, and loads the kernel.
 pub fn prepare(config: VmConfigResolved, serial: SerialOut) -> Result<PreparedVm, RunError> {
     let runtime_dir = RuntimeDir::create(&config.name)?;
+    // The backends start up (exec, load, open their image, listen) while the core sets
+    // up KVM, guest memory, the kernel and the vCPUs; only then does it connect to them.
+    let early = crate::backend::spawn_early(&config.devices, &runtime_dir.0, &config.base_dir)
+        .map_err(|e| RunError::Devices(e.into()))?;
     let memory = create_guest_memory(config.memory_mib << 20).map_err(RunError::Memory)?;
     let vm = Vm::new(memory).map_err(RunError::Vm)?;
     let (exit_tx, exits) = channel();
-    let pio = platform_devices(&vm, serial, &exit_tx)?;
-    let mut mmio: Bus<dyn MmioDevice> = Bus::new();
-    let devices = VirtioDevices::create(&config, &vm, &runtime_dir.0, &mut mmio)
-        .map_err(RunError::Devices)?;
+    let (pio, serial) = platform_devices(&vm, serial, &exit_tx)?;
     let kernel = load_kernel(&vm, &config.kernel)?;
     let initrd = match &config.initrd {
         Some(path) => Some(load_initrd(&vm, &kernel, path)?),
         None => None,
     };
+    let vcpus = create_vcpus(&vm, &config, kernel.entry)?;
+    let mut mmio: Bus<dyn MmioDevice> = Bus::new();
+    let devices = VirtioDevices::create(&config, &vm, &runtime_dir.0, &mut mmio)
+        .map_err(RunError::Devices)?;
+    drop(early);
+    // The command line and the ACPI tables name the devices' MMIO windows.
     let cmdline = boot::build_cmdline(&config.cmdline, &core_cmdline_entries(&config, &devices))
         .map_err(RunError::Boot)?;
     boot::write_boot_structures(vm.memory(), &cmdline, &kernel, initrd).map_err(RunError::Boot)?;
@@ -352,27 +369,7 @@ pub fn prepare(config: VmConfigResolved, serial: SerialOut) -> Result<PreparedVm
             source: Box::new(e),
         })?;
     boot::set_acpi_rsdp(vm.memory(), rsdp).map_err(RunError::Boot)?;
-    let cpuid = vm.supported_cpuid().map_err(RunError::Vm)?;
-    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
-    for i in 0..config.vcpus {
-        let vcpu = vm.fd().create_vcpu(u64::from(i)).map_err(|source| {
-            RunError::Vcpu(VcpuError::Kvm {
-                index: i,
-                what: "KVM_CREATE_VCPU",
-                source,
-            })
-        })?;
-        configure_vcpu(
-            &vcpu,
-            i,
-            config.vcpus,
-            &cpuid,
-            &config.cpuid_mask,
-            kernel.entry,
-        )
-        .map_err(RunError::Vcpu)?;
-        vcpus.push(vcpu);
-    }
+    vm.wait_memory_registered().map_err(RunError::Vm)?;
     let handlers = Arc::new(ExitHandlers {
         pio,
         mmio,
@@ -387,8 +384,33 @@ pub fn prepare(config: VmConfigResolved, serial: SerialOut) -> Result<PreparedVm
         exits,
         exit_tx,
         devices,
+        serial,
         _runtime_dir: runtime_dir,
     })
+}
+
+/// Creates the vCPUs with their CPUID, MSRs, LAPIC and (vCPU 0) the entry state. Nothing
+/// here reads guest memory, so it runs before the boot structures are written.
+fn create_vcpus(
+    vm: &Vm,
+    config: &VmConfigResolved,
+    entry: boot::EntryPoint,
+) -> Result<Vec<kvm_ioctls::VcpuFd>, RunError> {
+    let cpuid = vm.supported_cpuid().map_err(RunError::Vm)?;
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for i in 0..config.vcpus {
+        let vcpu = vm.fd().create_vcpu(u64::from(i)).map_err(|source| {
+            RunError::Vcpu(VcpuError::Kvm {
+                index: i,
+                what: "KVM_CREATE_VCPU",
+                source,
+            })
+        })?;
+        configure_vcpu(&vcpu, i, config.vcpus, &cpuid, &config.cpuid_mask, entry)
+            .map_err(RunError::Vcpu)?;
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
 }
 
 /// The running VM as the control API sees it.
@@ -401,6 +423,7 @@ struct Controller {
     stopped: Mutex<bool>,
     exit: Sender<GuestExit>,
     devices: Arc<VirtioDevices>,
+    serial: SerialFlusher<SerialOut>,
 }
 
 impl Controller {
@@ -436,7 +459,11 @@ impl crate::api::VmController for Controller {
                     "the VM has stopped".into(),
                 ))
             }
-            (VmState::Running, RequestedState::Paused) => self.vcpus.set_state(RunState::Paused),
+            (VmState::Running, RequestedState::Paused) => {
+                self.vcpus.set_state(RunState::Paused);
+                // A paused guest's output stands still: nothing may trickle out later.
+                let _ = self.serial.flush();
+            }
             (VmState::Paused, RequestedState::Running) => self.vcpus.set_state(RunState::Running),
             (_, RequestedState::Stopped) => {
                 *self.stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
@@ -483,6 +510,7 @@ impl PreparedVm {
             exits,
             exit_tx,
             devices,
+            serial,
             _runtime_dir,
         } = self;
         let devices = Arc::new(devices);
@@ -496,6 +524,7 @@ impl PreparedVm {
             stopped: Mutex::new(false),
             exit: exit_tx,
             devices: devices.clone(),
+            serial,
         });
         let api = match &config.api_socket {
             Some(path) => Some(
@@ -514,6 +543,9 @@ impl PreparedVm {
             .unwrap_or(GuestExit::Error("all vCPU threads are gone".into()));
         *controller.stopped.lock().unwrap_or_else(|e| e.into_inner()) = true;
         vcpus.stop();
+        // Whatever the guest wrote last (a crash message without newline) goes out now,
+        // even if the API server still holds the controller.
+        let _ = controller.serial.flush();
         drop(api);
         drop(controller);
         // Last reference: stops the backends the core spawned and the event thread.

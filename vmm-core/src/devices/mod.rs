@@ -2,6 +2,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod serial_buffer;
 
 /// A device in the guest's MMIO space. `offset` is relative to the device's base.
 ///
