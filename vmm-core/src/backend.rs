@@ -10,7 +10,6 @@
 //! they start up while the core sets up KVM and guest memory; [`start`] then connects to
 //! the process spawned early for the device instead of spawning one.
 
-use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -205,16 +204,18 @@ impl Backend {
 ///
 /// `exec` backends run with `vm_runtime_dir/<id>.sock` as `--socket`, `base_dir` (the
 /// spec's folder) as current directory, stdin closed, stdout inherited and stderr
-/// forwarded line by line, prefixed with the device id.
+/// forwarded line by line, prefixed with the device id. A process that [`spawn_early`]
+/// already started for the device is taken from `early` instead of spawning another.
 pub fn start(
     device: &DeviceConfig,
     vm_runtime_dir: &Path,
     base_dir: &Path,
+    early: &mut EarlyBackends,
 ) -> Result<(Backend, UnixStream), BackendError> {
     match &device.backend {
         BackendSource::Exec(argv) => {
             let socket = backend_socket(vm_runtime_dir, &device.id);
-            let (process, stream) = match take_early(&socket) {
+            let (process, stream) = match early.take(&socket) {
                 Some(process) => {
                     let stream = process.wait_for_socket(SPAWN_TIMEOUT)?;
                     (process, stream)
@@ -251,65 +252,57 @@ fn exe_dir() -> Option<PathBuf> {
         .and_then(|p| p.parent().map(Path::to_path_buf))
 }
 
-thread_local! {
-    /// Processes spawned by [`spawn_early`] on this thread and not yet taken by [`start`].
-    /// Per thread because a backend is tied to the thread that spawned it
-    /// (PR_SET_PDEATHSIG), so the thread that builds the VM must also spawn them.
-    static EARLY: RefCell<Vec<BackendProcess>> = const { RefCell::new(Vec::new()) };
-}
-
-fn take_early(socket: &Path) -> Option<BackendProcess> {
-    EARLY.with_borrow_mut(|early| {
-        let at = early.iter().position(|p| p.socket == socket)?;
-        Some(early.swap_remove(at))
-    })
-}
-
-/// The `exec` backends spawned by [`spawn_early`]; dropping it stops those that
-/// [`start`] did not take (the VM set-up failed before reaching them).
-#[derive(Debug)]
+/// The `exec` backends spawned by [`spawn_early`] and not yet taken by [`start`];
+/// dropping it stops those (the VM set-up failed before reaching them). It must stay
+/// on the thread that spawned them: a backend is tied to that thread
+/// (PR_SET_PDEATHSIG).
+#[derive(Debug, Default)]
 #[must_use = "dropping it stops the backends spawned early"]
 pub struct EarlyBackends {
-    sockets: Vec<PathBuf>,
+    spawned: Vec<BackendProcess>,
 }
 
-impl Drop for EarlyBackends {
-    fn drop(&mut self) {
-        let left: Vec<BackendProcess> = EARLY.with_borrow_mut(|early| {
-            let (left, keep) = std::mem::take(early)
-                .into_iter()
-                .partition(|p| self.sockets.contains(&p.socket));
-            *early = keep;
-            left
-        });
-        // Stopped outside the borrow: each drop waits for its process to end.
-        drop(left);
+impl EarlyBackends {
+    /// None spawned: [`start`] spawns every `exec` backend itself.
+    pub fn none() -> EarlyBackends {
+        EarlyBackends::default()
+    }
+
+    /// The processes still waiting to be taken.
+    pub fn pids(&self) -> Vec<u32> {
+        self.spawned.iter().map(BackendProcess::pid).collect()
+    }
+
+    fn take(&mut self, socket: &Path) -> Option<BackendProcess> {
+        let at = self.spawned.iter().position(|p| p.socket == socket)?;
+        Some(self.spawned.swap_remove(at))
     }
 }
 
 /// Spawns the `exec` backends of `devices` without waiting for them, so that they start
-/// while the core builds the VM; [`start`], called later on the same thread with the same
+/// while the core builds the VM; [`start`], given the result and the same
 /// `vm_runtime_dir`, connects to them. `socket` backends are left to [`start`].
 pub fn spawn_early(
     devices: &[DeviceConfig],
     vm_runtime_dir: &Path,
     base_dir: &Path,
 ) -> Result<EarlyBackends, BackendError> {
-    let mut spawned = EarlyBackends {
-        sockets: Vec::new(),
-    };
+    let mut early = EarlyBackends::none();
     let exe_dir = exe_dir();
     for device in devices {
         let BackendSource::Exec(argv) = &device.backend else {
             continue;
         };
         let socket = backend_socket(vm_runtime_dir, &device.id);
-        let process =
-            BackendProcess::launch(&device.id, argv, exe_dir.as_deref(), base_dir, &socket)?;
-        spawned.sockets.push(socket);
-        EARLY.with_borrow_mut(|early| early.push(process));
+        early.spawned.push(BackendProcess::launch(
+            &device.id,
+            argv,
+            exe_dir.as_deref(),
+            base_dir,
+            &socket,
+        )?);
     }
-    Ok(spawned)
+    Ok(early)
 }
 
 /// The socket path of the `generation`-th backend spawned for device `id`: the first one
@@ -861,16 +854,16 @@ mod tests {
     fn start_connects_to_the_backend_spawned_early() {
         let dir = tempfile::tempdir().unwrap();
         let device = exec_device("d", &["python3", "-c", LISTENER]);
-        let early = spawn_early(std::slice::from_ref(&device), dir.path(), dir.path()).unwrap();
-        let pid = EARLY.with_borrow(|e| e.iter().map(BackendProcess::pid).collect::<Vec<_>>());
+        let mut early = spawn_early(std::slice::from_ref(&device), dir.path(), dir.path()).unwrap();
+        let pid = early.pids();
         assert_eq!(pid.len(), 1);
-        let (backend, _stream) = start(&device, dir.path(), dir.path()).unwrap();
+        let (backend, _stream) = start(&device, dir.path(), dir.path(), &mut early).unwrap();
         assert_eq!(
             backend.pid(),
             Some(pid[0]),
             "start spawned a second backend"
         );
-        assert!(EARLY.with_borrow(Vec::is_empty));
+        assert!(early.pids().is_empty());
         drop(early);
         // Taken by start: dropping the early set leaves it running.
         assert!(alive(pid[0]));
@@ -886,12 +879,11 @@ mod tests {
             exec_device("b", &["sh", "-c", "exec sleep 30"]),
         ];
         let early = spawn_early(&devices, dir.path(), dir.path()).unwrap();
-        let pids = EARLY.with_borrow(|e| e.iter().map(BackendProcess::pid).collect::<Vec<_>>());
+        let pids = early.pids();
         assert_eq!(pids.len(), 2);
         assert!(pids.iter().all(|p| alive(*p)));
         drop(early);
         assert!(pids.iter().all(|p| !alive(*p)), "left running: {pids:?}");
-        assert!(EARLY.with_borrow(Vec::is_empty));
         // A missing program fails the early spawn with the same error as `start`.
         let err = spawn_early(
             &[exec_device("c", &["plexvm-nope"])],
@@ -915,7 +907,8 @@ mod tests {
             backend: BackendSource::Socket(sock.clone()),
             restart: Default::default(),
         };
-        let (backend, _stream) = start(&config, dir.path(), dir.path()).unwrap();
+        let (backend, _stream) =
+            start(&config, dir.path(), dir.path(), &mut EarlyBackends::none()).unwrap();
         assert_eq!(backend.pid(), None);
         assert_eq!(backend.socket(), sock);
         assert!(backend.exit_watch().unwrap().is_none());

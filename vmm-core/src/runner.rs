@@ -343,7 +343,7 @@ pub fn prepare(config: VmConfigResolved, serial: SerialOut) -> Result<PreparedVm
     let runtime_dir = RuntimeDir::create(&config.name)?;
     // The backends start up (exec, load, open their image, listen) while the core sets
     // up KVM, guest memory, the kernel and the vCPUs; only then does it connect to them.
-    let early = crate::backend::spawn_early(&config.devices, &runtime_dir.0, &config.base_dir)
+    let mut early = crate::backend::spawn_early(&config.devices, &runtime_dir.0, &config.base_dir)
         .map_err(|e| RunError::Devices(e.into()))?;
     let memory = create_guest_memory(config.memory_mib << 20).map_err(RunError::Memory)?;
     let vm = Vm::new(memory).map_err(RunError::Vm)?;
@@ -356,7 +356,7 @@ pub fn prepare(config: VmConfigResolved, serial: SerialOut) -> Result<PreparedVm
     };
     let vcpus = create_vcpus(&vm, &config, kernel.entry)?;
     let mut mmio: Bus<dyn MmioDevice> = Bus::new();
-    let devices = VirtioDevices::create(&config, &vm, &runtime_dir.0, &mut mmio)
+    let devices = VirtioDevices::create(&config, &vm, &runtime_dir.0, &mut mmio, &mut early)
         .map_err(RunError::Devices)?;
     drop(early);
     // The command line and the ACPI tables name the devices' MMIO windows.

@@ -71,13 +71,14 @@ pub struct VirtioDevices {
 }
 
 impl VirtioDevices {
-    /// Starts or attaches every backend, brings each connection up and creates the
-    /// transports on `mmio`.
+    /// Starts or attaches every backend (taking those already spawned from `early`),
+    /// brings each connection up and creates the transports on `mmio`.
     pub fn create(
         config: &VmConfigResolved,
         vm: &Vm,
         runtime_dir: &Path,
         mmio: &mut Bus<dyn MmioDevice>,
+        early: &mut backend::EarlyBackends,
     ) -> Result<VirtioDevices, DeviceSetupError> {
         if config.devices.len() > MAX_DEVICES {
             return Err(DeviceSetupError::TooMany(config.devices.len()));
@@ -96,7 +97,7 @@ impl VirtioDevices {
         for (i, dev) in config.devices.iter().enumerate() {
             let base = MMIO_BASE + MMIO_WINDOW_SIZE * i as u64;
             let gsi = FIRST_GSI + i as u32;
-            let (backend, stream) = backend::start(dev, runtime_dir, &config.base_dir)?;
+            let (backend, stream) = backend::start(dev, runtime_dir, &config.base_dir, early)?;
             let frontend =
                 VhostUserFrontend::connect(&dev.id, stream, virtio::default_queue_count(dev.kind))?;
             let transport = VirtioMmioTransport::new(

@@ -99,7 +99,13 @@ fn start_device() -> Device {
         ]),
         restart: Default::default(),
     };
-    let (backend, stream) = backend::start(&config, dir.path(), dir.path()).unwrap();
+    let (backend, stream) = backend::start(
+        &config,
+        dir.path(),
+        dir.path(),
+        &mut backend::EarlyBackends::none(),
+    )
+    .unwrap();
     let frontend =
         VhostUserFrontend::connect("disk0", stream, default_queue_count(DeviceKind::Blk)).unwrap();
     let kvm = kvm_ioctls::Kvm::new().unwrap();
