@@ -4,16 +4,20 @@
 //! default device allow-list, freezer, ...). What is here: choosing the path
 //! (runtime-spec "cgroupsPath" rules, systemd's `slice:prefix:name` turned into
 //! the cgroupfs path systemd would use, because systemd is not pid 1 on these
-//! machines) and adding the config's device nodes to the allow-list.
+//! machines) and adding the config's device nodes to the allow-list. On v1
+//! and hybrid hosts the hierarchies themselves are handled in `cgroup_v1.rs`
+//! (libcgroups then only writes the limits), which is what keeps `run` fast.
 
 use std::path::{Path, PathBuf};
 
 use libcgroups::common::{
-    create_cgroup_manager, AnyCgroupManager, CgroupConfig, CgroupManager, ControllerOpt,
-    FreezerState,
+    create_cgroup_manager, get_cgroup_setup, AnyCgroupManager, CgroupConfig, CgroupManager,
+    CgroupSetup, ControllerOpt, FreezerState,
 };
 use nix::unistd::Pid;
 use oci_spec::runtime::{LinuxDeviceCgroupBuilder, LinuxResources, Spec};
+
+use crate::cgroup_v1::{V1Error, V1Hierarchies};
 
 /// Errors from cgroup handling.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +41,15 @@ pub enum CgroupError {
         /// The cause.
         #[source]
         source: Box<libcgroups::common::AnyManagerError>,
+    },
+    /// A v1 hierarchy operation failed.
+    #[error("cgroup {path}")]
+    V1 {
+        /// Cgroup path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: V1Error,
     },
     /// Building device rules failed.
     #[error("invalid device cgroup rule")]
@@ -104,10 +117,17 @@ fn systemd_to_fs_path(text: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// One container's cgroup.
+/// One container's cgroup: the v1 hierarchies handled here (see
+/// `cgroup_v1.rs` for why), or libcgroups' manager on a unified (v2) host.
 pub struct Cgroup {
     path: PathBuf,
-    manager: AnyCgroupManager,
+    id: String,
+    backend: Backend,
+}
+
+enum Backend {
+    V1(V1Hierarchies),
+    Managed(AnyCgroupManager),
 }
 
 impl std::fmt::Debug for Cgroup {
@@ -119,7 +139,26 @@ impl std::fmt::Debug for Cgroup {
 impl Cgroup {
     /// Opens (does not create) the cgroup at `path` in every hierarchy.
     pub fn open(path: &Path, id: &str) -> Result<Cgroup> {
-        let manager = create_cgroup_manager(CgroupConfig {
+        let backend = match get_cgroup_setup() {
+            Ok(CgroupSetup::Legacy | CgroupSetup::Hybrid) => Backend::V1(
+                V1Hierarchies::discover(path).map_err(|source| CgroupError::V1 {
+                    path: path.to_path_buf(),
+                    source,
+                })?,
+            ),
+            _ => Backend::Managed(Self::manager(path, id)?),
+        };
+        Ok(Cgroup {
+            path: path.to_path_buf(),
+            id: id.to_string(),
+            backend,
+        })
+    }
+
+    /// libcgroups' manager (on v1 only built when limits or the freezer
+    /// need it: its constructor scans mountinfo once per controller).
+    fn manager(path: &Path, id: &str) -> Result<AnyCgroupManager> {
+        create_cgroup_manager(CgroupConfig {
             cgroup_path: path.to_path_buf(),
             systemd_cgroup: false,
             container_name: id.to_string(),
@@ -127,10 +166,6 @@ impl Cgroup {
         .map_err(|source| CgroupError::Open {
             path: path.to_path_buf(),
             source: Box::new(source),
-        })?;
-        Ok(Cgroup {
-            path: path.to_path_buf(),
-            manager,
         })
     }
 
@@ -146,32 +181,73 @@ impl Cgroup {
         })
     }
 
-    /// Moves `pid` into the cgroup (creating it) and applies the limits.
-    pub fn join_and_apply(&self, pid: i32, spec: &Spec) -> Result<()> {
-        self.op("join", self.manager.add_task(Pid::from_raw(pid)))?;
-        let resources = resources_with_devices(spec)?;
-        let opt = ControllerOpt {
-            resources: &resources,
-            disable_oom_killer: resources
-                .memory()
-                .as_ref()
-                .and_then(|m| m.disable_oom_killer())
-                .unwrap_or(false),
-            oom_score_adj: None,
-            freezer_state: None,
+    fn v1<T>(&self, r: std::result::Result<T, V1Error>) -> Result<T> {
+        r.map_err(|source| CgroupError::V1 {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    /// Before `create` forks: on v1 creates the directories and writes the
+    /// limits, so the child can join through [`Cgroup::self_join_files`]
+    /// (the kernel takes no global lock for that). Nothing on v2.
+    pub fn prepare(&self, spec: &Spec) -> Result<()> {
+        let Backend::V1(h) = &self.backend else {
+            return Ok(());
         };
-        self.op("apply limits to", self.manager.apply(&opt))
+        let resources = resources_with_devices(spec)?;
+        self.v1(h.create())?;
+        let rules = resources.devices().clone().unwrap_or_default();
+        self.v1(h.apply_devices(&rules))?;
+        if needs_controllers(&resources) {
+            let manager = Self::manager(&self.path, &self.id)?;
+            self.op(
+                "apply limits to",
+                manager.apply(&controller_opt(&resources)),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Where the child cannot join by itself (v2): moves `pid` into the
+    /// cgroup (creating it) and applies the limits.
+    pub fn adopt(&self, pid: i32, spec: &Spec) -> Result<()> {
+        match &self.backend {
+            Backend::V1(h) => self.v1(h.join(pid)),
+            Backend::Managed(m) => {
+                let resources = resources_with_devices(spec)?;
+                self.op("join", m.add_task(Pid::from_raw(pid)))?;
+                self.op("apply limits to", m.apply(&controller_opt(&resources)))
+            }
+        }
+    }
+
+    /// The v1 `tasks` files a single-threaded child writes `0` to in order
+    /// to join; empty where the runtime moves it ([`Cgroup::adopt`]).
+    pub fn self_join_files(&self) -> Vec<PathBuf> {
+        match &self.backend {
+            Backend::V1(h) => h.tasks_files(),
+            Backend::Managed(_) => Vec::new(),
+        }
     }
 
     /// Moves `pid` into the existing cgroup (for `exec`).
     pub fn join(&self, pid: i32) -> Result<()> {
-        self.op("join", self.manager.add_task(Pid::from_raw(pid)))
+        match &self.backend {
+            Backend::V1(h) => self.v1(h.join(pid)),
+            Backend::Managed(m) => self.op("join", m.add_task(Pid::from_raw(pid))),
+        }
     }
 
     /// All pids in the cgroup.
     pub fn pids(&self) -> Result<Vec<i32>> {
-        let pids = self.op("list processes of", self.manager.get_all_pids())?;
-        Ok(pids.into_iter().map(|p| p.as_raw()).collect())
+        match &self.backend {
+            Backend::V1(h) => self.v1(h.pids()),
+            Backend::Managed(m) => {
+                let pids = self.op("list processes of", m.get_all_pids())?;
+                Ok(pids.into_iter().map(|p| p.as_raw()).collect())
+            }
+        }
     }
 
     /// Freezes or thaws all processes.
@@ -181,13 +257,43 @@ impl Cgroup {
         } else {
             FreezerState::Thawed
         };
-        self.op("freeze", self.manager.freeze(state))
+        match &self.backend {
+            Backend::V1(_) => {
+                let manager = Self::manager(&self.path, &self.id)?;
+                self.op("freeze", manager.freeze(state))
+            }
+            Backend::Managed(m) => self.op("freeze", m.freeze(state)),
+        }
     }
 
-    /// Removes the cgroup (libcgroups SIGKILLs what is left in it first).
+    /// Removes the cgroup, SIGKILLing what is left in it first.
     pub fn remove(&self) -> Result<()> {
-        self.op("remove", self.manager.remove())
+        match &self.backend {
+            Backend::V1(h) => self.v1(h.remove()),
+            Backend::Managed(m) => self.op("remove", m.remove()),
+        }
     }
+}
+
+fn controller_opt(resources: &LinuxResources) -> ControllerOpt<'_> {
+    ControllerOpt {
+        resources,
+        disable_oom_killer: resources
+            .memory()
+            .as_ref()
+            .and_then(|m| m.disable_oom_killer())
+            .unwrap_or(false),
+        oom_score_adj: None,
+        freezer_state: None,
+    }
+}
+
+/// True when the config sets limits other than device rules (those need
+/// libcgroups' controllers; device rules are written in `cgroup_v1.rs`).
+fn needs_controllers(resources: &LinuxResources) -> bool {
+    let mut rest = resources.clone();
+    rest.set_devices(None);
+    rest != LinuxResources::default()
 }
 
 /// `linux.resources` plus an allow rule for every device node in `linux.devices`

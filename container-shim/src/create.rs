@@ -171,6 +171,7 @@ fn init_context(
     opts: &CreateOpts,
     bundle: spec::Bundle,
     seccomp: Option<CompiledProfile>,
+    cgroup: &Cgroup,
     cgroup_path: PathBuf,
     fifo: PathBuf,
 ) -> Result<InitContext> {
@@ -194,6 +195,7 @@ fn init_context(
         bundle: bundle.dir,
         rootfs: bundle.rootfs,
         cgroup_path,
+        cgroup_join: cgroup.self_join_files(),
         fifo,
         no_pivot: opts.no_pivot,
         preserve_fds: opts.preserve_fds,
@@ -244,8 +246,11 @@ pub fn create(root: &StateRoot, id: &str, opts: &CreateOpts, systemd: bool) -> R
     };
     root.save(&record)?;
     let fifo = make_fifo(&dir)?;
-    let ctx = init_context(id, opts, bundle, seccomp, cgroup_path, fifo)?;
+    let ctx = init_context(id, opts, bundle, seccomp, &cgroup, cgroup_path, fifo)?;
     guard.cgroup = Some(&cgroup);
+    // On v1 the cgroup is made and limited before the fork, so the child
+    // can join it at once, without a round trip to us.
+    cgroup.prepare(&ctx.spec)?;
     become_subreaper()?;
     let (ctx, mut chan, child) = spawn_intermediate(ctx)?;
     guard.pids.push(child);
@@ -270,10 +275,13 @@ fn drive_child(
     record: &ContainerRecord,
     child: i32,
 ) -> Result<i32> {
-    if let Some(cg) = &guard.cgroup {
-        cg.join_and_apply(child, &ctx.spec)?;
+    if ctx.cgroup_join.is_empty() {
+        // The child cannot join by itself (cgroup v2): move it in.
+        if let Some(cg) = &guard.cgroup {
+            cg.adopt(child, &ctx.spec)?;
+        }
+        chan.send(&Message::Continue)?;
     }
-    chan.send(&Message::Continue)?;
     if ctx.new_userns {
         chan.expect(&Message::IdMapsNeeded)?;
         namespaces::write_id_maps(child, &ctx.spec)?;
@@ -284,9 +292,6 @@ fn drive_child(
         other => return Err(SyncError::Unexpected(format!("{other:?}")).into()),
     };
     guard.pids.push(init_pid);
-    // The intermediate child exits right after sending the pid.
-    let _ = waitpid(Pid::from_raw(child), None);
-    guard.pids.retain(|p| *p != child);
     if ctx.runtime_hooks {
         chan.expect(&Message::RuntimeHooks)?;
         let mut rec = record.clone();
@@ -297,6 +302,10 @@ fn drive_child(
         chan.send(&Message::Continue)?;
     }
     chan.expect(&Message::Ready)?;
+    // The intermediate child exited right after sending the pid; reaping it
+    // only now spares a wait (and a wake-up) while init sets itself up.
+    let _ = waitpid(Pid::from_raw(child), None);
+    guard.pids.retain(|p| *p != child);
     Ok(init_pid)
 }
 

@@ -60,6 +60,9 @@ pub enum ExecError {
     /// Cgroup problem.
     #[error(transparent)]
     Cgroup(#[from] CgroupError),
+    /// The child could not join the cgroup.
+    #[error(transparent)]
+    Join(#[from] init::InitError),
     /// Console problem.
     #[error(transparent)]
     Console(#[from] ConsoleError),
@@ -170,6 +173,7 @@ pub fn exec(root: &StateRoot, args: &ExecArgs) -> Result<i32> {
     };
     let ns_files = namespaces::open_of_process(record.pid, &record.config)?;
     let cgroup = Cgroup::open(&record.cgroup_path, &args.id)?;
+    let cgroup_join = cgroup.self_join_files();
     become_subreaper()?;
     let (mut chan, child_chan) = Channel::pair()?;
     // SAFETY: the runtime is single-threaded; the child only joins and forks.
@@ -181,6 +185,7 @@ pub fn exec(root: &StateRoot, args: &ExecArgs) -> Result<i32> {
                 seccomp: seccomp.as_ref(),
                 console: console.as_ref(),
                 preserve_fds: args.preserve_fds,
+                cgroup_join: &cgroup_join,
             };
             child.run(&ns_files, child_chan)
         }
@@ -188,7 +193,11 @@ pub fn exec(root: &StateRoot, args: &ExecArgs) -> Result<i32> {
     };
     drop(child_chan);
     drop(console);
-    let pid = drive_exec(&mut chan, &cgroup, child)?;
+    let pid = drive_exec(
+        &mut chan,
+        (cgroup_join.is_empty()).then_some(&cgroup),
+        child,
+    )?;
     if let Some(path) = &args.pid_file {
         write_pid_file(path, pid)?;
     }
@@ -204,15 +213,21 @@ struct ExecChild<'a> {
     seccomp: Option<&'a crate::seccomp::CompiledProfile>,
     console: Option<&'a std::os::unix::net::UnixStream>,
     preserve_fds: u32,
+    cgroup_join: &'a [PathBuf],
 }
 
 impl ExecChild<'_> {
-    /// Joins the namespaces and forks the process; never returns.
+    /// Joins the cgroup (by itself on v1, see `cgroup_v1.rs`; else the
+    /// runtime moves it and says Continue) and the namespaces, forks the
+    /// process; never returns.
     fn run(&self, ns_files: &[namespaces::NsFile], mut chan: Channel) -> ! {
-        let joined = chan
-            .expect(&Message::Continue)
-            .map_err(ExecError::from)
-            .and_then(|()| namespaces::join_all(ns_files).map_err(ExecError::from));
+        let in_cgroup = if self.cgroup_join.is_empty() {
+            chan.expect(&Message::Continue).map_err(ExecError::from)
+        } else {
+            init::join_cgroup_self(self.cgroup_join).map_err(ExecError::from)
+        };
+        let joined =
+            in_cgroup.and_then(|()| namespaces::join_all(ns_files).map_err(ExecError::from));
         if let Err(e) = joined {
             chan.send_error(&e);
             exit_now(1);
@@ -241,10 +256,14 @@ impl ExecChild<'_> {
     }
 }
 
-fn drive_exec(chan: &mut Channel, cgroup: &Cgroup, child: Pid) -> Result<i32> {
+/// `cgroup` is the cgroup to move the child into, or `None` when the child
+/// joins by itself.
+fn drive_exec(chan: &mut Channel, cgroup: Option<&Cgroup>, child: Pid) -> Result<i32> {
     let result = (|| -> Result<i32> {
-        cgroup.join(child.as_raw())?;
-        chan.send(&Message::Continue)?;
+        if let Some(cgroup) = cgroup {
+            cgroup.join(child.as_raw())?;
+            chan.send(&Message::Continue)?;
+        }
         let pid = match chan.recv()? {
             Message::Pid { pid } => pid,
             other => return Err(SyncError::Unexpected(format!("{other:?}")).into()),

@@ -56,6 +56,15 @@ pub enum InitError {
     /// A file operation failed.
     #[error("cannot {0}")]
     Io(&'static str, #[source] std::io::Error),
+    /// Joining the container's cgroup failed.
+    #[error("cannot join cgroup through {path}")]
+    CgroupJoin {
+        /// The `tasks` file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 type Result<T> = std::result::Result<T, InitError>;
@@ -73,6 +82,8 @@ pub struct InitContext {
     pub rootfs: PathBuf,
     /// Container cgroup path.
     pub cgroup_path: PathBuf,
+    /// cgroup v1 `tasks` files the intermediate child joins through.
+    pub cgroup_join: Vec<PathBuf>,
     /// The state dir's exec.fifo.
     pub fifo: PathBuf,
     /// chroot instead of pivot_root.
@@ -129,9 +140,15 @@ pub fn intermediate(ctx: InitContext, mut chan: Channel) -> ! {
 }
 
 fn intermediate_steps(ctx: &InitContext, chan: &mut Channel) -> Result<ForkResult> {
-    // The runtime moves us into the cgroup first, so the cgroup namespace
-    // (unshared below) is rooted at the container's cgroup.
-    chan.expect(&Message::Continue)?;
+    // Join the cgroup before anything else, so the cgroup namespace
+    // (unshared below) is rooted at the container's cgroup and init is
+    // forked inside it: by ourselves on v1 (the runtime made it before the
+    // fork), else the runtime moves us and then says Continue.
+    if ctx.cgroup_join.is_empty() {
+        chan.expect(&Message::Continue)?;
+    } else {
+        join_cgroup_self(&ctx.cgroup_join)?;
+    }
     namespaces::join_all(&ctx.ns_files)?;
     if ctx.new_userns {
         namespaces::unshare_flags(nix::sched::CloneFlags::CLONE_NEWUSER)?;
@@ -148,6 +165,22 @@ fn intermediate_steps(ctx: &InitContext, chan: &mut Channel) -> Result<ForkResul
     }
     // SAFETY: the runtime is single-threaded, so the child may do anything.
     unsafe { fork() }.map_err(|e| InitError::Sys("fork container init", e))
+}
+
+/// Moves this (single-threaded) process into each v1 hierarchy by writing
+/// `0` to `tasks`: the kernel skips its global threadgroup lock for a thread
+/// moving itself, where writing a pid to `cgroup.procs` waits for an RCU
+/// grace period (see `cgroup_v1.rs`).
+pub fn join_cgroup_self(tasks_files: &[PathBuf]) -> Result<()> {
+    for path in tasks_files {
+        let file = File::options().write(true).open(path);
+        file.and_then(|mut f| f.write_all(b"0"))
+            .map_err(|source| InitError::CgroupJoin {
+                path: path.clone(),
+                source,
+            })?;
+    }
+    Ok(())
 }
 
 /// Container init: never returns.

@@ -14,6 +14,7 @@
 //! ([`sync`]) so that every failure before the user program reaches the caller
 //! of `create`, which then removes everything it made.
 
+pub mod cgroup_v1;
 pub mod cgroups;
 pub mod cli;
 pub mod console;

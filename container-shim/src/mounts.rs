@@ -381,7 +381,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<(PathBuf, String)> {
 }
 
 /// Undoes the kernel's `\040`-style escapes in mountinfo fields.
-fn unescape_octal(s: &str) -> String {
+pub fn unescape_octal(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

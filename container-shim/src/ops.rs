@@ -87,8 +87,14 @@ pub fn start(root: &StateRoot, id: &str) -> Result<()> {
             status,
         });
     }
-    let fifo = root.fifo(id)?;
-    release_init(&record, &fifo)?;
+    start_created(root, &record)
+}
+
+/// `start` of a container known to be created (`run` has its record in
+/// hand: reading state.json back would only delay init).
+fn start_created(root: &StateRoot, record: &ContainerRecord) -> Result<()> {
+    let fifo = root.fifo(&record.id)?;
+    release_init(record, &fifo)?;
     let _ = std::fs::remove_file(&fifo);
     let state = record.oci_state(Status::Running).to_string();
     if let Err(e) = hooks::run_hooks(&record.config, HookKind::Poststart, &state) {
@@ -216,21 +222,47 @@ fn kill_all_and_wait(record: &ContainerRecord, cgroup: &Cgroup, paused: bool) ->
         // Frozen tasks only die once thawed.
         let _ = cgroup.freeze(false);
     }
-    // Liveness loop: SIGKILL cannot be ignored, so this ends quickly unless a
-    // task is stuck in the kernel.
+    // SIGKILL cannot be ignored, so this ends quickly unless a task is stuck
+    // in the kernel. A pidfd wakes us when init exits (no polling sleeps); it
+    // is opened while init is known alive, so it cannot name a reused pid.
     let deadline = Instant::now() + Duration::from_secs(10);
+    let pidfd = pidfd_open(record.pid);
     while record.init_alive() {
         // If init is our child (run), reap it.
         let _ = waitpid(
             Pid::from_raw(record.pid),
             Some(nix::sys::wait::WaitPidFlag::WNOHANG),
         );
-        if Instant::now() > deadline {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
             return Err(OpsError::KillTimeout);
         }
-        std::thread::sleep(Duration::from_millis(2));
+        match &pidfd {
+            Some(fd) => {
+                let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+                let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+                let _ = poll(&mut fds, PollTimeout::from(ms));
+                // A zombie child stays "alive" until reaped: reap, re-check.
+                let _ = waitpid(
+                    Pid::from_raw(record.pid),
+                    Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+                );
+            }
+            // No pidfd (kernel < 5.3): fall back to a short sleep.
+            None => std::thread::sleep(Duration::from_millis(2)),
+        }
     }
     Ok(())
+}
+
+/// A pidfd for `pid` (readable once the process exits), if the kernel has
+/// pidfd_open(2).
+fn pidfd_open(pid: i32) -> Option<std::os::fd::OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+    // SAFETY: the kernel just returned this fd and nothing else owns it.
+    Some(unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })
 }
 
 /// `pause` / `resume`.
@@ -336,7 +368,7 @@ extern "C" fn forward_signal(sig: libc::c_int) {
 pub fn run(root: &StateRoot, args: &RunArgs, systemd: bool) -> Result<i32> {
     let created = create::create(root, &args.id, &args.opts, systemd)?;
     let (record, cgroup) = (created.record, created.cgroup);
-    if let Err(e) = start(root, &args.id) {
+    if let Err(e) = start_created(root, &record) {
         let _ = delete(root, &args.id, true);
         return Err(e);
     }

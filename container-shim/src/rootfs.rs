@@ -125,8 +125,9 @@ pub fn prepare(plan: &RootfsPlan<'_>) -> Result<()> {
                 || mounts::parse_options(m.options().as_deref().unwrap_or_default()).is_bind())
     });
     if !dev_is_bind {
-        create_devices(&root, plan)?;
-        create_dev_links(&root)?;
+        let mut dirs = DirCache::new(&root);
+        create_devices(&root, &mut dirs, plan)?;
+        create_dev_links(&mut dirs)?;
     }
     Ok(())
 }
@@ -164,16 +165,51 @@ fn devices(spec: &Spec) -> Vec<LinuxDevice> {
     list
 }
 
-fn create_devices(root: &Root, plan: &RootfsPlan<'_>) -> Result<()> {
+fn create_devices(root: &Root, dirs: &mut DirCache<'_>, plan: &RootfsPlan<'_>) -> Result<()> {
     for dev in devices(plan.spec) {
         let path = dev.path();
         if plan.in_userns {
             bind_host_device(root, path)?;
         } else {
-            mknod_device(root, &dev)?;
+            mknod_device(dirs, &dev)?;
         }
     }
     Ok(())
+}
+
+/// Directories inside the rootfs resolved (and created) once: pathrs'
+/// `mkdir_all` re-checks procfs and reopens the handle on every call (~35
+/// syscalls), and every default device and link lives in the same /dev.
+struct DirCache<'a> {
+    root: &'a Root,
+    dirs: Vec<(PathBuf, pathrs::Handle)>,
+}
+
+impl<'a> DirCache<'a> {
+    fn new(root: &'a Root) -> Self {
+        DirCache {
+            root,
+            dirs: Vec::new(),
+        }
+    }
+
+    fn get(&mut self, path: &Path) -> Result<&pathrs::Handle> {
+        let index = match self.dirs.iter().position(|(p, _)| p == path) {
+            Some(i) => i,
+            None => {
+                let handle = self
+                    .root
+                    .mkdir_all(path, &Permissions::from_mode(0o755))
+                    .map_err(|source| MountError::Resolve {
+                        path: path.to_path_buf(),
+                        source,
+                    })?;
+                self.dirs.push((path.to_path_buf(), handle));
+                self.dirs.len() - 1
+            }
+        };
+        Ok(&self.dirs[index].1)
+    }
 }
 
 /// In a user namespace mknod(2) is not allowed: bind the host's node instead.
@@ -190,17 +226,12 @@ fn bind_host_device(root: &Root, path: &Path) -> Result<()> {
     .map_err(sys_err("bind device", path))
 }
 
-fn mknod_device(root: &Root, dev: &LinuxDevice) -> Result<()> {
+fn mknod_device(dirs: &mut DirCache<'_>, dev: &LinuxDevice) -> Result<()> {
     let path = dev.path();
     let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
         return Ok(());
     };
-    let dir = root
-        .mkdir_all(parent, &Permissions::from_mode(0o755))
-        .map_err(|source| MountError::Resolve {
-            path: parent.to_path_buf(),
-            source,
-        })?;
+    let dir = dirs.get(parent)?;
     let kind = match dev.typ() {
         LinuxDeviceType::B => SFlag::S_IFBLK,
         LinuxDeviceType::P => SFlag::S_IFIFO,
@@ -235,13 +266,8 @@ fn mknod_device(root: &Root, dev: &LinuxDevice) -> Result<()> {
 
 /// /dev/fd, /dev/std{in,out,err}, /dev/ptmx (and /dev/core if the host has
 /// /proc/kcore), like runc.
-fn create_dev_links(root: &Root) -> Result<()> {
-    let dev = root
-        .mkdir_all("/dev", &Permissions::from_mode(0o755))
-        .map_err(|source| MountError::Resolve {
-            path: PathBuf::from("/dev"),
-            source,
-        })?;
+fn create_dev_links(dirs: &mut DirCache<'_>) -> Result<()> {
+    let dev = dirs.get(Path::new("/dev"))?;
     let mut links = vec![
         ("/proc/self/fd", "fd"),
         ("/proc/self/fd/0", "stdin"),

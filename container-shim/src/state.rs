@@ -173,7 +173,7 @@ impl StateRoot {
             .map_err(io_err("cannot write", &tmp))?;
         fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600))
             .map_err(io_err("cannot chmod", &tmp))?;
-        fs::rename(&tmp, &path).map_err(io_err("cannot rename to", &path))
+        replace(&tmp, &path)
     }
 
     /// Reads a container's state.json.
@@ -220,6 +220,22 @@ impl StateRoot {
     /// The FIFO path of a container.
     pub fn fifo(&self, id: &str) -> Result<PathBuf> {
         Ok(self.dir(id)?.join(EXEC_FIFO))
+    }
+}
+
+/// Moves `tmp` to `path` atomically. An existing `path` is swapped out with
+/// RENAME_EXCHANGE and then unlinked instead of being renamed over: ext4's
+/// `auto_da_alloc` allocates the new file's blocks at once when a rename
+/// replaces a file, and on a `discard` mount (these machines' root) freeing
+/// them later in `delete` waits for a synchronous discard (~2 ms, measured
+/// with perf sched_switch stacks). Exchanged, the short-lived state file
+/// usually never gets blocks. Falls back to rename(2) where there is nothing
+/// to exchange or the filesystem lacks RENAME_EXCHANGE.
+fn replace(tmp: &Path, path: &Path) -> Result<()> {
+    use nix::fcntl::{renameat2, RenameFlags};
+    match renameat2(None, tmp, None, path, RenameFlags::RENAME_EXCHANGE) {
+        Ok(()) => fs::remove_file(tmp).map_err(io_err("cannot remove", tmp)),
+        Err(_) => fs::rename(tmp, path).map_err(io_err("cannot rename to", path)),
     }
 }
 
@@ -329,6 +345,37 @@ mod tests {
         let pid = std::process::id() as i32;
         let (state, _) = proc_stat(pid).unwrap();
         assert_ne!(state, 'Z');
+    }
+
+    #[test]
+    fn save_replaces_the_record_and_leaves_no_temp_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = StateRoot::new(tmp.path());
+        let dir = root.create_dir("c1").unwrap();
+        let mut record = ContainerRecord {
+            id: "c1".into(),
+            pid: 0,
+            pid_start_time: 0,
+            bundle: PathBuf::from("/b"),
+            rootfs: PathBuf::from("/b/rootfs"),
+            created: String::new(),
+            creating: true,
+            paused: false,
+            cgroup_path: PathBuf::from("/c1"),
+            config: Spec::default(),
+        };
+        root.save(&record).unwrap();
+        record.creating = false;
+        record.pid = 42;
+        root.save(&record).unwrap();
+        let loaded = root.load("c1").unwrap();
+        assert!(!loaded.creating);
+        assert_eq!(loaded.pid, 42);
+        let names: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(STATE_FILE)]);
     }
 
     #[test]
