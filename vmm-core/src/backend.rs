@@ -529,14 +529,22 @@ impl BackendProcess {
         // A backend must not outlive a core that is killed (SIGKILL leaves no chance to
         // stop it): it gets SIGTERM, on which backends flush and exit, when the thread
         // that spawned it ends (the main thread, or the supervisor at the VM's end).
+        // With PRIO_PROCESS and the process id, getpriority reads the main thread's
+        // nice value, not that of the calling (perhaps raised) thread.
+        // SAFETY: getpriority takes plain integers and touches no memory.
+        let process_nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, std::process::id()) };
         // SAFETY: the closure runs in the child between fork and exec and only calls
-        // prctl, which is async-signal-safe; it touches no memory of the parent.
+        // prctl and setpriority, which are async-signal-safe; it touches no memory of the
+        // parent.
         unsafe {
             use std::os::unix::process::CommandExt;
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+                // The supervisor thread runs with a raised priority (supervisor.rs);
+                // the backend gets the process's own. Best effort.
+                let _ = libc::setpriority(libc::PRIO_PROCESS, 0, process_nice);
                 Ok(())
             });
         }
