@@ -1,8 +1,11 @@
 //! Command-line flags and the validated configuration built from them.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Parser;
+
+use crate::io_pool::MAX_IO_THREADS;
 
 /// Longest serial number a GET_ID request can return (virtio 1.2, 5.2.6: 20 bytes, not
 /// NUL-terminated when all 20 are used).
@@ -14,6 +17,16 @@ pub const MAX_QUEUES: u16 = 64;
 
 /// Largest split virtqueue the virtio spec allows (2.7: "Queue Size ... maximum 32768").
 pub const MAX_QUEUE_SIZE: u16 = 32768;
+
+/// Longest busy-poll window `--poll-us` accepts: polling longer than a millisecond only
+/// burns a core; a sleeping worker's wake-up costs tens of µs, not milliseconds.
+pub const MAX_POLL_US: u32 = 1000;
+
+/// Default `--poll-us` (README.md says how it was chosen).
+pub const DEFAULT_POLL_US: u32 = 50;
+
+/// Default `--io-threads` (README.md says how it was chosen).
+pub const DEFAULT_IO_THREADS: u16 = 4;
 
 /// Errors in the command-line flags.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -27,6 +40,12 @@ pub enum ConfigError {
     /// `--serial` longer than the GET_ID buffer.
     #[error("--serial must be at most {MAX_SERIAL_LEN} bytes, got {0}")]
     SerialTooLong(usize),
+    /// `--poll-us` out of range.
+    #[error("--poll-us must be at most {MAX_POLL_US}, got {0}")]
+    PollUs(u32),
+    /// `--io-threads` out of range.
+    #[error("--io-threads must be at most {MAX_IO_THREADS}, got {0}")]
+    IoThreads(u16),
 }
 
 /// Flags of the `plexvm-blk` binary (see README.md for the man page).
@@ -58,6 +77,13 @@ pub struct Args {
     /// Serial number returned by GET_ID (at most 20 bytes).
     #[arg(long, value_name = "ID", default_value = "")]
     pub serial: String,
+    /// Longest busy-poll of a queue's ring after draining it, in µs (0: never poll).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_POLL_US)]
+    pub poll_us: u32,
+    /// Threads that execute long requests side by side (0: every request in its queue's
+    /// worker).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_IO_THREADS)]
+    pub io_threads: u16,
 }
 
 /// Validated configuration of one backend process.
@@ -77,6 +103,10 @@ pub struct BlockConfig {
     pub queue_size: u16,
     /// GET_ID answer, zero-padded to 20 bytes.
     pub serial: [u8; MAX_SERIAL_LEN],
+    /// Longest busy-poll window of a queue worker (zero: never poll).
+    pub poll_max: Duration,
+    /// Threads of the I/O pool (zero: none).
+    pub io_threads: u16,
 }
 
 impl TryFrom<Args> for BlockConfig {
@@ -96,6 +126,12 @@ impl TryFrom<Args> for BlockConfig {
         if serial_bytes.len() > MAX_SERIAL_LEN {
             return Err(ConfigError::SerialTooLong(serial_bytes.len()));
         }
+        if args.poll_us > MAX_POLL_US {
+            return Err(ConfigError::PollUs(args.poll_us));
+        }
+        if args.io_threads > MAX_IO_THREADS {
+            return Err(ConfigError::IoThreads(args.io_threads));
+        }
         let mut serial = [0u8; MAX_SERIAL_LEN];
         serial[..serial_bytes.len()].copy_from_slice(serial_bytes);
         Ok(BlockConfig {
@@ -106,6 +142,8 @@ impl TryFrom<Args> for BlockConfig {
             queues: args.queues,
             queue_size: args.queue_size,
             serial,
+            poll_max: Duration::from_micros(u64::from(args.poll_us)),
+            io_threads: args.io_threads,
         })
     }
 }
@@ -127,6 +165,11 @@ mod tests {
         assert_eq!(config.queue_size, 256);
         assert!(!config.readonly && !config.direct);
         assert_eq!(config.serial, [0u8; 20]);
+        assert_eq!(
+            config.poll_max,
+            Duration::from_micros(u64::from(DEFAULT_POLL_US))
+        );
+        assert_eq!(config.io_threads, DEFAULT_IO_THREADS);
     }
 
     #[test]
@@ -140,12 +183,21 @@ mod tests {
             "1024",
             "--serial",
             "disk-0",
+            "--poll-us",
+            "0",
+            "--io-threads",
+            "0",
         ])
         .unwrap();
         assert!(config.readonly && config.direct);
         assert_eq!((config.queues, config.queue_size), (4, 1024));
         assert_eq!(&config.serial[..6], b"disk-0");
         assert_eq!(config.serial[6..], [0u8; 14]);
+        assert_eq!((config.poll_max, config.io_threads), (Duration::ZERO, 0));
+        assert_eq!(
+            parse(&["--poll-us", "1000"]).unwrap().poll_max,
+            Duration::from_millis(1)
+        );
     }
 
     #[test]
@@ -164,6 +216,24 @@ mod tests {
             parse(&["--serial", "123456789012345678901"]),
             Err(ConfigError::SerialTooLong(21))
         );
+        assert_eq!(
+            parse(&["--poll-us", "1001"]),
+            Err(ConfigError::PollUs(1001))
+        );
+        assert_eq!(
+            parse(&["--io-threads", "65"]),
+            Err(ConfigError::IoThreads(65))
+        );
+        assert!(Args::try_parse_from([
+            "plexvm-blk",
+            "--socket",
+            "/s",
+            "--image",
+            "/i",
+            "--poll-us",
+            "-1"
+        ])
+        .is_err());
         let exact = "12345678901234567890";
         assert_eq!(
             &parse(&["--serial", exact]).unwrap().serial,

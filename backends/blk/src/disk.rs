@@ -132,6 +132,11 @@ impl Disk {
         self.capacity / SECTOR_SIZE
     }
 
+    /// Whether the image was opened with O_DIRECT.
+    pub fn is_direct(&self) -> bool {
+        self.options.direct
+    }
+
     /// Whether the image was opened read-only.
     pub fn is_read_only(&self) -> bool {
         self.options.readonly

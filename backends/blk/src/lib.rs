@@ -10,6 +10,8 @@
 //! - [`disk`]: the image file and its I/O primitives;
 //! - [`request`]: virtio-blk request parsing and execution (no sockets, unit-tested);
 //! - [`vhu_blk`]: the `VhostUserBackend` implementation (features, config space, queues);
+//! - [`io_pool`]: threads that let long requests of one queue overlap (`--io-threads`);
+//! - [`poll`]: the adaptive busy-poll window of the queue workers (`--poll-us`);
 //! - [`inflight`]: the in-flight region (INFLIGHT_SHMFD) that lets a restarted backend
 //!   resubmit the requests its predecessor died with; [`chain`] reads their chains;
 //! - [`proxy`]: answers GET/SET_INFLIGHT_FD in front of vhost-user-backend;
@@ -19,6 +21,8 @@ pub mod chain;
 pub mod config;
 pub mod disk;
 pub mod inflight;
+pub mod io_pool;
+pub mod poll;
 pub mod proxy;
 pub mod request;
 pub mod server;

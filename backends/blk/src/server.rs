@@ -24,7 +24,7 @@ use crate::config::BlockConfig;
 use crate::disk::{Disk, DiskError, DiskOptions};
 use crate::proxy::ConnectionProxy;
 use crate::request::BlockDevice;
-use crate::vhu_blk::{QueueLayout, VhostUserBlk, VhostUserBlkError};
+use crate::vhu_blk::{QueueLayout, VhostUserBlk, VhostUserBlkError, WorkerOptions};
 
 /// Errors that end the backend.
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +135,7 @@ pub struct BlockServer {
     listener: Listener,
     device: Arc<BlockDevice>,
     layout: QueueLayout,
+    options: WorkerOptions,
 }
 
 impl BlockServer {
@@ -152,7 +153,13 @@ impl BlockServer {
             queues: config.queues,
             queue_size: config.queue_size,
         };
-        BlockServer::bind(&config.socket, device, layout)
+        let mut server = BlockServer::bind(&config.socket, device, layout)?;
+        server.set_worker_options(WorkerOptions {
+            poll_max: config.poll_max,
+            io_threads: config.io_threads,
+            ..WorkerOptions::default()
+        });
+        Ok(server)
     }
 
     /// Binds `socket` (removing a stale socket file there first) for `device`.
@@ -171,7 +178,14 @@ impl BlockServer {
             listener: Listener::from(listener),
             device,
             layout,
+            options: WorkerOptions::default(),
         })
+    }
+
+    /// How queue workers serve their rings (the default of [`BlockServer::bind`]: no
+    /// polling, no I/O threads); applies from the next connection.
+    pub fn set_worker_options(&mut self, options: WorkerOptions) {
+        self.options = options;
     }
 
     /// The device served.
@@ -226,7 +240,11 @@ impl BlockServer {
                 return Ok(());
             }
         };
-        let backend = Arc::new(VhostUserBlk::new(self.device.clone(), self.layout)?);
+        let backend = Arc::new(VhostUserBlk::new(
+            self.device.clone(),
+            self.layout,
+            self.options,
+        )?);
         let (proxy, daemon_side) = ConnectionProxy::start(stream, backend.clone())
             .map_err(|e| ServerError::Daemon(e.to_string()))?;
         let mut daemon =

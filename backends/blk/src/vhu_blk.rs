@@ -13,12 +13,19 @@
 //! the order they were fetched. GET_VRING_BASE waits for the request a worker is
 //! executing ([`VhostUserBackend::stop_vring`]), so the base it returns has nothing in
 //! flight behind it.
+//!
+//! After draining its ring a worker may watch it for a short, adaptive while before it
+//! turns notifications back on and sleeps ([`crate::poll`], `--poll-us`). Long requests
+//! (O_DIRECT or large) may go to a thread pool so that they overlap
+//! ([`crate::io_pool`], `--io-threads`); they complete out of order, each marked in
+//! flight until it is in the used ring, and GET_VRING_BASE waits for them too.
 
 use plexvm_backend_support::WorkerExitEvents;
 use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
@@ -28,6 +35,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -35,6 +43,8 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use crate::disk::SECTOR_SIZE;
 use crate::inflight::InflightRegion;
+use crate::io_pool::{BlockedTime, InPool, IoPool, Stopwatch, WORTH_A_THREAD};
+use crate::poll::{self, AvailRing, PollOutcome, QueuePoll};
 use crate::proxy::{InflightGeometry, InflightHandler};
 use crate::request::{BlockDevice, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS};
 
@@ -52,12 +62,42 @@ const MAX_CONFIG_READ: u32 = 256;
 /// so punched holes free whole blocks).
 pub const DISCARD_SECTOR_ALIGNMENT: u32 = 8;
 
+/// Requests at least this long (data bytes), or any with O_DIRECT, may go to the I/O
+/// pool; shorter ones cost less than waking a pool thread.
+pub const POOL_MIN_BYTES: u64 = 64 * 1024;
+
 /// Errors creating the per-connection backend.
 #[derive(Debug, thiserror::Error)]
 pub enum VhostUserBlkError {
     /// The eventfd that stops a queue worker cannot be created.
     #[error("cannot create a worker exit eventfd")]
     ExitEvent(#[source] io::Error),
+    /// The I/O pool's threads cannot be started.
+    #[error("cannot start the I/O threads")]
+    IoPool(#[source] io::Error),
+}
+
+/// How the queue workers serve their rings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WorkerOptions {
+    /// Longest busy-poll of a drained ring (zero: never poll).
+    pub poll_max: Duration,
+    /// Threads that execute long requests side by side (zero: none, every request is
+    /// executed by its queue's worker).
+    pub io_threads: u16,
+    /// Average execution time from which long requests go to the threads
+    /// ([`crate::io_pool::WORTH_A_THREAD`] by default; zero: whenever they can overlap).
+    pub offload_after: Duration,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            poll_max: Duration::ZERO,
+            io_threads: 0,
+            offload_after: WORTH_A_THREAD,
+        }
+    }
 }
 
 /// Queue geometry of the device.
@@ -75,31 +115,148 @@ pub struct VhostUserBlk {
     device: Arc<BlockDevice>,
     layout: QueueLayout,
     mem: GuestMemory,
-    event_idx: AtomicBool,
-    ring_errors: AtomicU64,
+    ring_errors: Arc<AtomicU64>,
     exit_events: WorkerExitEvents,
     inflight: RwLock<Option<Arc<InflightRegion>>>,
     /// Per queue: resubmit from the in-flight region before the next pop.
     recover: Vec<AtomicBool>,
     /// Per queue: held while its worker moves requests (GET_VRING_BASE waits on it).
     busy: Vec<Mutex<()>>,
+    /// Per queue: the busy-poll window and what it learnt (only its worker uses it).
+    poll: Vec<Mutex<QueuePoll>>,
+    /// Per queue: held while a request is put in the used ring (the worker and pool
+    /// threads both do that; the in-flight region's used-ring protocol needs one at a
+    /// time).
+    used_lock: Vec<Arc<Mutex<()>>>,
+    /// Per queue: requests in the pool.
+    in_pool: Vec<Arc<InPool>>,
+    /// Per queue: how long its long requests took to execute lately (ns, see
+    /// [`crate::io_pool::BlockedTime`]).
+    blocked_time: Vec<Arc<BlockedTime>>,
+    /// Threads for long requests; dropped (joined) after the daemon's workers.
+    pool: Option<IoPool>,
+}
+
+/// Everything putting a request in a queue's used ring needs, owned, so a pool thread
+/// can do it.
+#[derive(Clone)]
+struct UsedRing {
+    queue: u16,
+    vring: VringRwLock<GuestMemory>,
+    region: Option<Arc<InflightRegion>>,
+    lock: Arc<Mutex<()>>,
+    errors: Arc<AtomicU64>,
+}
+
+impl UsedRing {
+    /// Puts `head` in the used ring, keeping the in-flight region in step; false when
+    /// the used ring cannot be written.
+    fn complete(&self, head: u16, len: u32) -> bool {
+        let _one_at_a_time = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(r) = &self.region {
+            r.prepare_used(self.queue, head);
+        }
+        if let Err(e) = self.vring.add_used(head, len) {
+            // A used ring outside guest memory: the guest's fault, so rate-limited.
+            let count = self.errors.fetch_add(1, Ordering::Relaxed) + 1;
+            if count.is_power_of_two() {
+                tracing::warn!(count, "cannot put used element {head}: {e}");
+            }
+            return false;
+        }
+        if let Some(r) = &self.region {
+            let next_used = self.vring.get_ref().get_queue().next_used();
+            r.commit_used(self.queue, head, next_used);
+        }
+        true
+    }
+
+    /// Signals the driver if it wants to hear of the used elements added so far.
+    fn notify(&self) {
+        match self.vring.needs_notification() {
+            Ok(true) => {
+                if let Err(e) = self.vring.signal_used_queue() {
+                    tracing::warn!("cannot signal used queue: {e}");
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!("cannot read used_event: {e}"),
+        }
+    }
+}
+
+/// Marks a pool request as gone from the pool however its job ends.
+struct LeavePool(Arc<InPool>);
+
+impl Drop for LeavePool {
+    fn drop(&mut self) {
+        self.0.leave();
+    }
+}
+
+/// What one pass over a queue's avail ring did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Drained {
+    /// Requests put in the used ring.
+    served: usize,
+    /// The used ring could not be written: serving more is pointless.
+    stalled: bool,
+}
+
+/// The avail ring of a vring, as the poll loop looks at it.
+struct VringAvail<'a> {
+    vring: &'a VringRwLock<GuestMemory>,
+    mem: &'a GuestMemoryMmap,
+}
+
+impl AvailRing for VringAvail<'_> {
+    fn has_work(&self) -> Option<bool> {
+        let state = self.vring.get_ref();
+        let queue = state.get_queue();
+        // GET_VRING_BASE makes the queue not ready: stop looking, the ring is handed over.
+        if !queue.ready() {
+            return None;
+        }
+        queue
+            .avail_idx(self.mem, std::sync::atomic::Ordering::Acquire)
+            .ok()
+            .map(|idx| idx.0 != queue.next_avail())
+    }
 }
 
 impl VhostUserBlk {
-    /// Creates the backend for one connection, with empty guest memory.
-    pub fn new(device: Arc<BlockDevice>, layout: QueueLayout) -> Result<Self, VhostUserBlkError> {
+    /// Creates the backend for one connection, with empty guest memory; each queue
+    /// worker busy-polls its ring for at most `poll_max` after draining it (zero: never).
+    pub fn new(
+        device: Arc<BlockDevice>,
+        layout: QueueLayout,
+        options: WorkerOptions,
+    ) -> Result<Self, VhostUserBlkError> {
         let exit_events = WorkerExitEvents::new(usize::from(layout.queues))
             .map_err(VhostUserBlkError::ExitEvent)?;
+        let pool = match options.io_threads {
+            0 => None,
+            n => Some(IoPool::new(n).map_err(VhostUserBlkError::IoPool)?),
+        };
+        let per_queue = || 0..layout.queues;
         Ok(VhostUserBlk {
             device,
             layout,
             mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-            event_idx: AtomicBool::new(false),
-            ring_errors: AtomicU64::new(0),
+            ring_errors: Arc::new(AtomicU64::new(0)),
             exit_events,
             inflight: RwLock::new(None),
-            recover: (0..layout.queues).map(|_| AtomicBool::new(false)).collect(),
-            busy: (0..layout.queues).map(|_| Mutex::new(())).collect(),
+            recover: per_queue().map(|_| AtomicBool::new(false)).collect(),
+            busy: per_queue().map(|_| Mutex::new(())).collect(),
+            poll: per_queue()
+                .map(|_| Mutex::new(QueuePoll::new(options.poll_max)))
+                .collect(),
+            used_lock: per_queue().map(|_| Arc::default()).collect(),
+            in_pool: per_queue().map(|_| Arc::default()).collect(),
+            blocked_time: per_queue()
+                .map(|_| Arc::new(BlockedTime::new(options.offload_after)))
+                .collect(),
+            pool,
         })
     }
 
@@ -130,17 +287,21 @@ impl VhostUserBlk {
 
     /// Serves every available request of queue `queue` (`vring`), then notifies the
     /// driver if it wants.
-    fn process_queue(&self, queue: u16, vring: &VringRwLock<GuestMemory>) {
+    fn process_queue(&self, queue: u16, vring: &VringRwLock<GuestMemory>) -> Drained {
+        let mut drained = Drained {
+            served: 0,
+            stalled: false,
+        };
         let Some(busy) = self.busy.get(usize::from(queue)) else {
-            return;
+            drained.stalled = true;
+            return drained;
         };
         let _busy = busy.lock().unwrap_or_else(PoisonError::into_inner);
         let mem = self.mem.memory();
-        let region = self.region();
-        let mut used_any = false;
-        if let Some(r) = &region {
+        let used = self.used_ring(queue, vring);
+        if let Some(r) = &used.region {
             if self.recover[usize::from(queue)].swap(false, Ordering::AcqRel) {
-                used_any = self.resubmit(queue, vring, r, &mem);
+                drained.served = self.resubmit(&used, r, &mem);
             }
         }
         loop {
@@ -150,59 +311,117 @@ impl VhostUserBlk {
                 .pop_descriptor_chain(mem.clone());
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            if let Some(r) = &region {
+            if let Some(r) = &used.region {
                 r.set_inflight(queue, head);
             }
-            let completion = self.device.process(&mem, chain);
-            if !self.complete(queue, vring, region.as_deref(), head, completion.used_len) {
+            let completion = if self.pool.is_some() {
+                let descriptors: Vec<Descriptor> = chain.collect();
+                if !self.is_long(&descriptors) {
+                    self.device.process(&mem, descriptors)
+                } else {
+                    match self.offload(&used, &mem, head, descriptors) {
+                        Ok(()) => {
+                            drained.served += 1;
+                            continue;
+                        }
+                        Err(descriptors) => {
+                            let blocked = &self.blocked_time[usize::from(queue)];
+                            let watch = blocked.sample_next().then(Stopwatch::start);
+                            let completion = self.device.process(&mem, descriptors);
+                            if let Some(watch) = watch {
+                                blocked.record(watch.blocked());
+                            }
+                            completion
+                        }
+                    }
+                }
+            } else {
+                self.device.process(&mem, chain)
+            };
+            if !used.complete(head, completion.used_len) {
+                drained.stalled = true;
                 break;
             }
-            used_any = true;
+            drained.served += 1;
         }
-        if used_any {
-            self.notify(vring);
+        if drained.served > 0 {
+            used.notify();
+        }
+        drained
+    }
+
+    fn used_ring(&self, queue: u16, vring: &VringRwLock<GuestMemory>) -> UsedRing {
+        UsedRing {
+            queue,
+            vring: vring.clone(),
+            region: self.region(),
+            lock: self.used_lock[usize::from(queue)].clone(),
+            errors: self.ring_errors.clone(),
         }
     }
 
-    /// Puts `head` in the used ring, keeping the in-flight region in step; false when the
-    /// used ring cannot be written.
-    fn complete(
+    /// Whether a request may go to the pool: O_DIRECT, or at least [`POOL_MIN_BYTES`].
+    fn is_long(&self, descriptors: &[Descriptor]) -> bool {
+        let bytes: u64 = descriptors.iter().map(|d| u64::from(d.len())).sum();
+        self.device.disk().is_direct() || bytes >= POOL_MIN_BYTES
+    }
+
+    /// Hands the long request `head` to the I/O pool when such requests lately took
+    /// long enough to be worth a thread wake-up ([`BlockedTime::worth_a_thread`]: from
+    /// the page cache they do not, from a disk they do) and something can overlap with
+    /// it (another request is in the pool or waits in the ring); gives the descriptors
+    /// back otherwise.
+    fn offload(
         &self,
-        queue: u16,
-        vring: &VringRwLock<GuestMemory>,
-        region: Option<&InflightRegion>,
+        used: &UsedRing,
+        mem: &GuestMemoryMmap,
         head: u16,
-        len: u32,
-    ) -> bool {
-        if let Some(r) = region {
-            r.prepare_used(queue, head);
+        descriptors: Vec<Descriptor>,
+    ) -> Result<(), Vec<Descriptor>> {
+        let Some(pool) = &self.pool else {
+            return Err(descriptors);
+        };
+        let in_pool = &self.in_pool[usize::from(used.queue)];
+        let blocked_time = &self.blocked_time[usize::from(used.queue)];
+        let overlaps = || {
+            in_pool.count() > 0
+                || VringAvail {
+                    vring: &used.vring,
+                    mem,
+                }
+                .has_work()
+                    == Some(true)
+        };
+        if !blocked_time.worth_a_thread() || !overlaps() {
+            return Err(descriptors);
         }
-        if let Err(e) = vring.add_used(head, len) {
-            // A used ring outside guest memory: the guest's fault, so rate-limited.
-            let count = self.ring_errors.fetch_add(1, Ordering::Relaxed) + 1;
-            if count.is_power_of_two() {
-                tracing::warn!(count, "cannot put used element {head}: {e}");
+        let (device, used_ring, mem) = (self.device.clone(), used.clone(), self.mem.memory());
+        let blocked_time = blocked_time.clone();
+        in_pool.enter();
+        let leave = LeavePool(in_pool.clone());
+        let job = Box::new(move || {
+            let _leave = leave;
+            let watch = Stopwatch::start();
+            let completion = device.process(&mem, descriptors.iter().copied());
+            blocked_time.record(watch.blocked());
+            if used_ring.complete(head, completion.used_len) {
+                used_ring.notify();
             }
-            return false;
-        }
-        if let Some(r) = region {
-            r.commit_used(queue, head, vring.get_ref().get_queue().next_used());
-        }
-        true
+        });
+        // A pool without threads (cannot happen while `self` lives) runs it here.
+        pool.submit(job).or_else(|job| {
+            job();
+            Ok(())
+        })
     }
 
     /// Executes again, in fetch order, the requests a previous backend took from the
     /// avail ring of `queue` and never completed, and moves the ring's next index past
     /// them (vhost-user spec, "Inflight I/O tracking", "When reconnecting").
-    fn resubmit(
-        &self,
-        queue: u16,
-        vring: &VringRwLock<GuestMemory>,
-        region: &InflightRegion,
-        mem: &GuestMemoryMmap,
-    ) -> bool {
+    fn resubmit(&self, ring: &UsedRing, region: &InflightRegion, mem: &GuestMemoryMmap) -> usize {
+        let (queue, vring) = (ring.queue, &ring.vring);
         let Ok(used) = vring.queue_used_idx() else {
-            return false;
+            return 0;
         };
         let heads = region.recover(queue, used);
         vring.set_queue_next_avail(used.wrapping_add(heads.len() as u16));
@@ -219,27 +438,74 @@ impl VhostUserBlk {
             let q = state.get_queue();
             (GuestAddress(q.desc_table()), q.size())
         };
-        let mut used_any = false;
+        let mut served = 0;
         for head in heads {
             let descriptors = crate::chain::descriptors(mem, table, size, head);
             let completion = self.device.process(mem, descriptors);
-            if !self.complete(queue, vring, Some(region), head, completion.used_len) {
+            if !ring.complete(head, completion.used_len) {
                 break;
             }
-            used_any = true;
+            served += 1;
         }
-        used_any
+        served
     }
 
-    fn notify(&self, vring: &VringRwLock<GuestMemory>) {
-        match vring.needs_notification() {
-            Ok(true) => {
-                if let Err(e) = vring.signal_used_queue() {
-                    tracing::warn!("cannot signal used queue: {e}");
+    /// Serves `queue` until its ring stays empty with notifications on; returns how the
+    /// last busy-poll (of at most `window`) ended, if one ran.
+    ///
+    /// Notification suppression (virtio 1.2, 2.7.10 with EVENT_IDX, 2.7.7.1 flags
+    /// without): with notifications off, drain, then watch the ring for up to `window`;
+    /// turn them back on and drain again if the driver added buffers before it saw that.
+    fn serve(
+        &self,
+        queue: u16,
+        vring: &VringRwLock<GuestMemory>,
+        state: &mut QueuePoll,
+    ) -> Option<PollOutcome> {
+        let window = state.window.current();
+        let mut outcome = None;
+        let mut empty_passes = 0;
+        loop {
+            if let Err(e) = vring.disable_notification() {
+                tracing::warn!("cannot disable queue notifications: {e}");
+            }
+            let drained = self.process_queue(queue, vring);
+            empty_passes = if drained.served == 0 {
+                empty_passes + 1
+            } else {
+                0
+            };
+            // The avail index says there is work, yet nothing can be taken twice in a
+            // row (the queue was stopped, or the guest moved its avail index too far,
+            // or its used ring is unwritable): wait for a kick rather than spin.
+            if drained.stalled || empty_passes > 1 {
+                Self::enable_notification(vring);
+                return outcome;
+            }
+            if drained.served > 0 && !window.is_zero() {
+                let mem = self.mem.memory();
+                let ring = VringAvail { vring, mem: &mem };
+                let polled = poll::poll(&ring, window, |now| state.load.has_spare_cpu(now));
+                outcome = Some(polled);
+                if polled == PollOutcome::Work {
+                    continue;
                 }
             }
-            Ok(false) => {}
-            Err(e) => tracing::warn!("cannot read used_event: {e}"),
+            if !Self::enable_notification(vring) {
+                return outcome;
+            }
+        }
+    }
+
+    /// Turns notifications back on; true when the driver made buffers available before
+    /// it could see that (the re-check virtio 1.2, 2.7.10 requires).
+    fn enable_notification(vring: &VringRwLock<GuestMemory>) -> bool {
+        match vring.enable_notification() {
+            Ok(more) => more,
+            Err(e) => {
+                tracing::warn!("cannot enable queue notifications: {e}");
+                false
+            }
         }
     }
 
@@ -308,15 +574,20 @@ impl VhostUserBackend for VhostUserBlk {
 
     fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
         // GET_VRING_BASE has made the queue not ready, so its worker pops nothing more;
-        // wait for the request it may be executing to reach the used ring.
+        // wait for the request it may be executing, and those in the pool, to reach the
+        // used ring.
         if let Some(busy) = self.busy.get(queue_index as usize) {
             drop(busy.lock().unwrap_or_else(PoisonError::into_inner));
+        }
+        if let Some(in_pool) = self.in_pool.get(queue_index as usize) {
+            in_pool.wait_idle();
         }
         Ok(())
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Release);
+    fn set_event_idx(&self, _enabled: bool) {
+        // vhost-user-backend sets it on every vring too, and the queue's own notification
+        // calls follow it; the worker loop is the same either way.
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
@@ -373,26 +644,16 @@ impl VhostUserBackend for VhostUserBlk {
         };
         // One worker per queue (`queues_per_thread`): the thread index is the queue's.
         let queue = thread_id as u16;
-        if !self.event_idx.load(Ordering::Acquire) {
-            self.process_queue(queue, vring);
+        let Some(state) = self.poll.get(usize::from(queue)) else {
             return Ok(());
+        };
+        let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.woke(Instant::now());
+        let outcome = self.serve(queue, vring, &mut state);
+        if outcome == Some(PollOutcome::Preempted) {
+            state.window.after_preemption();
         }
-        // EVENT_IDX (virtio 1.2, 2.7.10): with notifications off, drain; turn them back
-        // on and drain again if the driver added buffers meanwhile.
-        loop {
-            if let Err(e) = vring.disable_notification() {
-                tracing::warn!("cannot disable queue notifications: {e}");
-            }
-            self.process_queue(queue, vring);
-            match vring.enable_notification() {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    tracing::warn!("cannot enable queue notifications: {e}");
-                    break;
-                }
-            }
-        }
+        state.sleeping(Instant::now(), outcome);
         Ok(())
     }
 }
@@ -463,6 +724,7 @@ mod tests {
                 queues,
                 queue_size: 128,
             },
+            WorkerOptions::default(),
         )
         .unwrap()
     }

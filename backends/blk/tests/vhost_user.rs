@@ -10,11 +10,12 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use plexvm_blk::disk::{Disk, DiskOptions};
 use plexvm_blk::request::BlockDevice;
 use plexvm_blk::server::{BlockServer, ServerError, Shutdown};
-use plexvm_blk::vhu_blk::QueueLayout;
+use plexvm_blk::vhu_blk::{QueueLayout, WorkerOptions};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
 };
@@ -26,7 +27,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{
-    VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+    VIRTIO_RING_F_EVENT_IDX, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
 };
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -55,6 +56,23 @@ struct ServerGuard {
 
 impl ServerGuard {
     fn start(queues: u16, readonly: bool) -> ServerGuard {
+        ServerGuard::start_polling(queues, readonly, Duration::ZERO)
+    }
+
+    /// A server whose queue workers busy-poll for at most `poll_max`.
+    fn start_polling(queues: u16, readonly: bool, poll_max: Duration) -> ServerGuard {
+        ServerGuard::start_with(
+            queues,
+            readonly,
+            WorkerOptions {
+                poll_max,
+                ..WorkerOptions::default()
+            },
+        )
+    }
+
+    /// A server whose queue workers run with `options`.
+    fn start_with(queues: u16, readonly: bool, options: WorkerOptions) -> ServerGuard {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("disk.raw");
         let bytes: Vec<u8> = (0..(IMAGE_SECTORS * 512) as usize).map(pattern).collect();
@@ -75,6 +93,7 @@ impl ServerGuard {
         };
         // Bound before the thread starts, so connecting cannot race the listener.
         let mut server = BlockServer::bind(&socket, device, layout).unwrap();
+        server.set_worker_options(options);
         let shutdown = Shutdown::new().unwrap();
         let trigger = shutdown.clone();
         let thread = std::thread::spawn(move || server.serve(&trigger));
@@ -109,7 +128,12 @@ impl Drop for ServerGuard {
 
 /// Feature and protocol negotiation with REPLY_ACK, so every message is acknowledged.
 fn negotiate(frontend: &mut Frontend) -> u64 {
-    let features = frontend.get_features().unwrap();
+    negotiate_without(frontend, 0)
+}
+
+/// [`negotiate`], leaving out the feature bits in `drop`.
+fn negotiate_without(frontend: &mut Frontend, drop: u64) -> u64 {
+    let features = frontend.get_features().unwrap() & !drop;
     let proto = frontend.get_protocol_features().unwrap();
     assert!(proto.contains(
         VhostUserProtocolFeatures::MQ
@@ -233,7 +257,12 @@ impl Guest {
     /// Full device bring-up in the order QEMU uses (DESIGN.md).
     /// `add_mem_reg` picks ADD_MEM_REG (CONFIGURE_MEM_SLOTS) over SET_MEM_TABLE.
     fn attach(&self, frontend: &mut Frontend, queue: usize, add_mem_reg: bool) {
-        negotiate(frontend);
+        self.attach_without(frontend, queue, add_mem_reg, 0);
+    }
+
+    /// [`Guest::attach`], leaving out the feature bits in `drop`.
+    fn attach_without(&self, frontend: &mut Frontend, queue: usize, add_mem_reg: bool, drop: u64) {
+        negotiate_without(frontend, drop);
         frontend.set_owner().unwrap();
         let region = self.mem.find_region(GuestAddress(0)).unwrap();
         let regions = [VhostUserMemoryRegionInfo::from_guest_region(region).unwrap()];
@@ -269,6 +298,39 @@ impl Guest {
     /// Posts one chain (descriptors from table index 0), kicks, and waits for its used
     /// element. Returns the element's len.
     fn submit(&mut self, descs: &[(u64, u32, bool)]) -> u32 {
+        self.publish(descs);
+        self.kick.write(1).unwrap();
+        self.wait_used()
+    }
+
+    /// [`Guest::submit`], but kicks only when the device asks for it (`avail_event`
+    /// with EVENT_IDX, else no `VRING_USED_F_NO_NOTIFY`; virtio 1.2, 2.7.10), as a real
+    /// driver does: a device that leaves notifications off by mistake hangs here.
+    /// Returns the element's len and whether it kicked.
+    fn submit_suppressed(&mut self, descs: &[(u64, u32, bool)], event_idx: bool) -> (u32, bool) {
+        let old = self.used_seen;
+        self.publish(descs);
+        let new = old.wrapping_add(1);
+        // The device's suppression state is read after the index is published.
+        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        let kick = if event_idx {
+            let avail_event: u16 = self
+                .mem
+                .read_obj(GuestAddress(USED_RING + 4 + 8 * u64::from(QUEUE_SIZE)))
+                .unwrap();
+            new.wrapping_sub(avail_event).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            let flags: u16 = self.mem.read_obj(GuestAddress(USED_RING)).unwrap();
+            flags & VRING_USED_F_NO_NOTIFY as u16 == 0
+        };
+        if kick {
+            self.kick.write(1).unwrap();
+        }
+        (self.wait_used(), kick)
+    }
+
+    /// Writes one chain (descriptors from table index 0) and makes it available.
+    fn publish(&mut self, descs: &[(u64, u32, bool)]) {
         self.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
         for (i, &(addr, len, writable)) in descs.iter().enumerate() {
             let mut flags = if writable {
@@ -298,8 +360,6 @@ impl Guest {
         self.mem
             .write_obj(self.used_seen.wrapping_add(1), GuestAddress(AVAIL_RING + 2))
             .unwrap();
-        self.kick.write(1).unwrap();
-        self.wait_used()
     }
 
     fn wait_used(&mut self) -> u32 {
@@ -442,5 +502,205 @@ fn io_on_every_queue_of_a_multiqueue_device_with_either_memory_message() {
             "queue {queue}"
         );
     }
+    server.stop().unwrap();
+}
+
+/// Requests one after another, each announced only if the device asked for a kick, with
+/// pauses now and then so that a polling worker gives up and sleeps: with and without
+/// EVENT_IDX, with polling off and on, every request completes (none waits for a kick
+/// the driver was told it need not send) and the data round-trips.
+#[test]
+fn notification_suppression_with_and_without_polling() {
+    for poll_us in [0, 300] {
+        for event_idx in [true, false] {
+            let server = ServerGuard::start_polling(1, false, Duration::from_micros(poll_us));
+            let mut guest = Guest::new();
+            let mut frontend = server.connect();
+            let left_out = if event_idx {
+                0
+            } else {
+                1 << VIRTIO_RING_F_EVENT_IDX
+            };
+            guest.attach_without(&mut frontend, 0, false, left_out);
+            let mut kicks = 0;
+            for i in 0..120u64 {
+                if i % 10 == 9 {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                let sector = 200 + i % 40;
+                let (request, len) = if i < 40 {
+                    guest.header(VIRTIO_BLK_T_OUT, sector);
+                    let fill = vec![i as u8 ^ 0x5a; 512];
+                    guest.mem.write_slice(&fill, GuestAddress(DATA)).unwrap();
+                    ((DATA, 512, false), 1)
+                } else {
+                    guest.header(VIRTIO_BLK_T_IN, sector);
+                    ((DATA, 512, true), 513)
+                };
+                let (used, kicked) = guest
+                    .submit_suppressed(&[(HDR, 16, false), request, (STATUS, 1, true)], event_idx);
+                kicks += u32::from(kicked);
+                let what = format!("request {i}, poll {poll_us} µs, event_idx {event_idx}");
+                assert_eq!((used, guest.status()), (len, 0), "{what}");
+                if i >= 40 {
+                    let mut data = [0u8; 512];
+                    guest.mem.read_slice(&mut data, GuestAddress(DATA)).unwrap();
+                    let expected = (sector - 200) as u8 ^ 0x5a;
+                    assert!(data.iter().all(|&b| b == expected), "{what}");
+                }
+            }
+            // Every pause ends in a sleeping worker that needs a kick.
+            assert!(
+                kicks >= 11,
+                "kicks {kicks}, poll {poll_us} µs, event_idx {event_idx}"
+            );
+            drop(frontend);
+            server.stop().unwrap();
+        }
+    }
+}
+
+/// Posts `requests` (type, sector, data address, data length) at once, chain `i` in
+/// descriptors 3i..3i+2, kicks once and waits until all are used; returns the used
+/// elements (id, len) in used-ring order.
+fn run_batch(guest: &mut Guest, requests: &[(u32, u64, u64, u32)]) -> Vec<(u32, u32)> {
+    const HDRS: u64 = 0x4000;
+    const STATUSES: u64 = 0x5000;
+    let start = guest.used_seen;
+    for (i, &(kind, sector, data, len)) in requests.iter().enumerate() {
+        let i16 = i as u16;
+        let hdr = HDRS + 16 * i as u64;
+        let mut raw = [0u8; 16];
+        raw[0..4].copy_from_slice(&kind.to_le_bytes());
+        raw[8..16].copy_from_slice(&sector.to_le_bytes());
+        guest.mem.write_slice(&raw, GuestAddress(hdr)).unwrap();
+        guest
+            .mem
+            .write_obj(0xffu8, GuestAddress(STATUSES + i as u64))
+            .unwrap();
+        let write = if kind == VIRTIO_BLK_T_IN {
+            VRING_DESC_F_WRITE as u16
+        } else {
+            0
+        };
+        let next = VRING_DESC_F_NEXT as u16;
+        let descs = [
+            (hdr, 16, next, 3 * i16 + 1),
+            (data, len, write | next, 3 * i16 + 2),
+            (STATUSES + i as u64, 1, VRING_DESC_F_WRITE as u16, 0),
+        ];
+        for (j, &(addr, len, flags, next)) in descs.iter().enumerate() {
+            let desc = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
+            let at = DESC_TABLE + 16 * (3 * i as u64 + j as u64);
+            guest.mem.write_obj(desc, GuestAddress(at)).unwrap();
+        }
+        let slot = u64::from(start.wrapping_add(i16) % QUEUE_SIZE);
+        guest
+            .mem
+            .write_obj(3 * i16, GuestAddress(AVAIL_RING + 4 + 2 * slot))
+            .unwrap();
+    }
+    let end = start.wrapping_add(requests.len() as u16);
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    guest
+        .mem
+        .write_obj(end, GuestAddress(AVAIL_RING + 2))
+        .unwrap();
+    guest.kick.write(1).unwrap();
+    let guard = std::time::Instant::now();
+    loop {
+        let idx: u16 = guest.mem.read_obj(GuestAddress(USED_RING + 2)).unwrap();
+        if idx == end {
+            break;
+        }
+        assert!(
+            guard.elapsed() < Duration::from_millis(HANG_GUARD_MS as u64),
+            "backend did not complete the batch"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    guest.used_seen = end;
+    (0..requests.len() as u16)
+        .map(|k| {
+            let slot = u64::from(start.wrapping_add(k) % QUEUE_SIZE);
+            let id: u32 = guest
+                .mem
+                .read_obj(GuestAddress(USED_RING + 4 + 8 * slot))
+                .unwrap();
+            let len: u32 = guest
+                .mem
+                .read_obj(GuestAddress(USED_RING + 8 + 8 * slot))
+                .unwrap();
+            let status: u8 = guest
+                .mem
+                .read_obj(GuestAddress(STATUSES + u64::from(id) / 3))
+                .unwrap();
+            assert_eq!(status, 0, "status of chain {id}");
+            (id, len)
+        })
+        .collect()
+}
+
+/// Large requests posted together go through the I/O pool (they may complete in any
+/// order): every one completes once with the right length, the data lands where it
+/// should, and GET_VRING_BASE afterwards reports them all consumed.
+#[test]
+fn large_requests_in_flight_together_through_the_io_pool() {
+    const LEN: u32 = 64 * 1024;
+    const COUNT: u64 = 5;
+    let server = ServerGuard::start_with(
+        1,
+        false,
+        WorkerOptions {
+            io_threads: 3,
+            // Temporary files are fast; hand over every request that can overlap.
+            offload_after: Duration::ZERO,
+            ..WorkerOptions::default()
+        },
+    );
+    let mut guest = Guest::new();
+    let mut frontend = server.connect();
+    guest.attach(&mut frontend, 0, false);
+    let data = |i: u64| 0x10000 + i * u64::from(LEN);
+    let sector = |i: u64| 1 + i * u64::from(LEN / 512);
+    let mut writes = vec![];
+    for i in 0..COUNT {
+        let fill = vec![0x30 + i as u8; LEN as usize];
+        guest.mem.write_slice(&fill, GuestAddress(data(i))).unwrap();
+        writes.push((VIRTIO_BLK_T_OUT, sector(i), data(i), LEN));
+    }
+    let mut used = run_batch(&mut guest, &writes);
+    used.sort_unstable();
+    let expected: Vec<(u32, u32)> = (0..COUNT as u32).map(|i| (3 * i, 1)).collect();
+    assert_eq!(used, expected);
+
+    for i in 0..COUNT {
+        guest
+            .mem
+            .write_slice(&vec![0; LEN as usize], GuestAddress(data(i)))
+            .unwrap();
+    }
+    let reads: Vec<_> = (0..COUNT)
+        .map(|i| (VIRTIO_BLK_T_IN, sector(i), data(i), LEN))
+        .collect();
+    let mut used = run_batch(&mut guest, &reads);
+    used.sort_unstable();
+    let expected: Vec<(u32, u32)> = (0..COUNT as u32).map(|i| (3 * i, LEN + 1)).collect();
+    assert_eq!(used, expected);
+    for i in 0..COUNT {
+        let mut back = vec![0u8; LEN as usize];
+        guest
+            .mem
+            .read_slice(&mut back, GuestAddress(data(i)))
+            .unwrap();
+        assert!(back.iter().all(|&b| b == 0x30 + i as u8), "request {i}");
+    }
+    let state = frontend.get_vring_base(0).unwrap();
+    assert_eq!(state, 2 * COUNT as u32);
+    let image = std::fs::read(&server.image).unwrap();
+    assert_eq!(image[511], pattern(511), "the sector before is untouched");
+    let last = (sector(COUNT) * 512) as usize;
+    assert_eq!(image[last], pattern(last), "the sector after is untouched");
+    drop(frontend);
     server.stop().unwrap();
 }
