@@ -89,18 +89,21 @@ pub struct RunSetup {
     pub command: String,
 }
 
+/// The program `name` in `dir`, as an absolute path (the core resolves a relative
+/// `exec` against the spec's folder); the path looked at when it is not there.
+pub fn program_in(dir: &Path, name: &str) -> Result<PathBuf, PathBuf> {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let path = dir.join(name);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(path)
+    }
+}
+
 /// Finds `plexvm` and `plexvm-blk` in `dir`.
 pub fn find_binaries(dir: &Path, qsd: PathBuf) -> Result<Binaries, RunError> {
-    // Absolute, because the core resolves a relative `exec` against the spec's folder.
-    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let get = |name: &str| {
-        let path = dir.join(name);
-        if path.is_file() {
-            Ok(path)
-        } else {
-            Err(RunError::MissingBinary(path))
-        }
-    };
+    let get = |name| program_in(dir, name).map_err(RunError::MissingBinary);
     Ok(Binaries {
         plexvm: get("plexvm")?,
         plexvm_blk: get("plexvm-blk")?,

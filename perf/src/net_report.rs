@@ -11,7 +11,7 @@ use serde::Serialize;
 use crate::machine::Machine;
 use crate::net_bench::{self, NetBinaries, NetSample, NetScenario, NetSubject};
 use crate::sample::Spread;
-use crate::{chain, load_average, progress};
+use crate::{chain, load_average, program_in, progress};
 
 /// What a net run does.
 #[derive(Debug, Clone, Serialize)]
@@ -366,18 +366,9 @@ fn details(out: &mut String, results: &NetResults) {
 
 /// Finds `plexvm` and `plexvm-net` in `dir`.
 pub fn find_binaries(dir: &Path, testpmd: PathBuf) -> Result<NetBinaries, PathBuf> {
-    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let get = |name: &str| {
-        let p = dir.join(name);
-        if p.is_file() {
-            Ok(p)
-        } else {
-            Err(p)
-        }
-    };
     Ok(NetBinaries {
-        plexvm: get("plexvm")?,
-        plexvm_net: get("plexvm-net")?,
+        plexvm: program_in(dir, "plexvm")?,
+        plexvm_net: program_in(dir, "plexvm-net")?,
         testpmd,
     })
 }

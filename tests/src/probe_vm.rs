@@ -138,16 +138,7 @@ impl ProbeVm {
 
     /// `GET /vm` on the VM's API socket, or `None` when it does not answer.
     pub fn info(&self) -> Option<VmInfo> {
-        let api = self.dir.join(format!("{}.api", self.name));
-        let mut s = UnixStream::connect(api).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-        s.write_all(b"GET /vm HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            .ok()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).ok()?;
-        let (head, body) = text.split_once("\r\n\r\n")?;
-        head.starts_with("HTTP/1.1 200").then_some(())?;
-        serde_json::from_str(body).ok()
+        get_vm_info(&self.dir.join(format!("{}.api", self.name)))
     }
 
     /// Whether `plexvm` still runs.
@@ -174,6 +165,19 @@ impl Drop for ProbeVm {
             let _ = child.wait_timeout(Duration::from_secs(10));
         }
     }
+}
+
+/// `GET /vm` on the API socket `api`, or `None` when it does not answer with 200.
+pub fn get_vm_info(api: &std::path::Path) -> Option<VmInfo> {
+    let mut s = UnixStream::connect(api).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(b"GET /vm HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then_some(())?;
+    serde_json::from_str(body).ok()
 }
 
 #[cfg(test)]

@@ -3,8 +3,7 @@
 
 #![allow(dead_code)] // each test binary uses a different part
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -63,15 +62,7 @@ impl TestVm {
 
     /// `GET /vm`, or `None` when the API does not answer.
     pub fn try_info(&self) -> Option<VmInfo> {
-        let mut s = UnixStream::connect(&self.api).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-        s.write_all(b"GET /vm HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            .ok()?;
-        let mut text = String::new();
-        s.read_to_string(&mut text).ok()?;
-        let (head, body) = text.split_once("\r\n\r\n")?;
-        head.starts_with("HTTP/1.1 200").then_some(())?;
-        serde_json::from_str(body).ok()
+        plexvm_tests::probe_vm::get_vm_info(&self.api)
     }
 
     /// The device as `GET /vm` reports it.
