@@ -47,11 +47,7 @@ struct ContainersArgs {
 
 fn containers(args: ContainersArgs) -> Result<()> {
     let runtimes = if args.runtimes.is_empty() {
-        let here = std::env::current_exe()?
-            .parent()
-            .map(PathBuf::from)
-            .unwrap_or_default();
-        vec![here.join("plexvm-shim"), PathBuf::from("runc")]
+        vec![this_dir()?.join("plexvm-shim"), PathBuf::from("runc")]
     } else {
         args.runtimes
     };
@@ -240,11 +236,7 @@ fn run(args: RunArgs) -> Result<()> {
     };
     let bin_dir = match &args.bin_dir {
         Some(dir) => dir.clone(),
-        None => std::env::current_exe()
-            .context("cannot find this program's path")?
-            .parent()
-            .map(PathBuf::from)
-            .unwrap_or_default(),
+        None => this_dir()?,
     };
     let bins = find_binaries(&bin_dir, args.qsd.clone())?;
     let out = args.out.clone().unwrap_or_else(default_out);

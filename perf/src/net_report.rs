@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::machine::Machine;
 use crate::net_bench::{self, NetBinaries, NetSample, NetScenario, NetSubject};
+use crate::report::kiops;
 use crate::sample::Spread;
 use crate::{chain, load_average, program_in, progress};
 
@@ -200,16 +201,6 @@ fn find<'a>(rows: &'a [NetSummary], scenario: &str, subject: NetSubject) -> Opti
         .find(|r| r.scenario == scenario && r.subject == subject && r.reps > 0)
 }
 
-fn kpps(v: f64) -> String {
-    if v >= 10_000.0 {
-        format!("{:.0}k", v / 1000.0)
-    } else if v >= 1000.0 {
-        format!("{:.1}k", v / 1000.0)
-    } else {
-        format!("{v:.0}")
-    }
-}
-
 /// The headline: one row per scenario, plexvm-net beside testpmd.
 pub fn headline(results: &NetResults) -> String {
     let mut out = String::from(
@@ -218,7 +209,7 @@ pub fn headline(results: &NetResults) -> String {
     for s in &results.plan.scenarios {
         let p = find(&results.summaries, s.name, NetSubject::PlexvmNet);
         let t = find(&results.summaries, s.name, NetSubject::Testpmd);
-        let pps = |r: Option<&NetSummary>| r.map_or("–".into(), |r| kpps(r.pps.median));
+        let pps = |r: Option<&NetSummary>| r.map_or("–".into(), |r| kiops(r.pps.median));
         let rtt = |r: Option<&NetSummary>| {
             r.map_or("–".into(), |r| format!("{:.1}", r.rtt_p50_us.median))
         };
@@ -332,9 +323,9 @@ fn details(out: &mut String, results: &NetResults) {
             "| {} | {} | {} ({}–{}) | {:.0} | {:.1} ({:.1}–{:.1}) | {:.1} | {} | {:.3} |",
             r.scenario,
             r.subject,
-            kpps(r.pps.median),
-            kpps(r.pps.min),
-            kpps(r.pps.max),
+            kiops(r.pps.median),
+            kiops(r.pps.min),
+            kiops(r.pps.max),
             r.mbit_s.median,
             r.rtt_p50_us.median,
             r.rtt_p50_us.min,

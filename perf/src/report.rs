@@ -131,7 +131,8 @@ fn find<'a>(
         .filter(|r| r.summary.reps > 0)
 }
 
-fn kiops(v: f64) -> String {
+/// A rate in thousands above 10k (`448k`), with one decimal from 1k (`4.1k`).
+pub(crate) fn kiops(v: f64) -> String {
     if v >= 10_000.0 {
         format!("{:.0}k", v / 1000.0)
     } else if v >= 1000.0 {
