@@ -451,13 +451,38 @@ fn curl_can_drive_the_api() {
     assert!(body.contains("unknown field"), "{body}");
 }
 
-/// A VM that owns its API server and drops it from the stop request (on the API thread).
-struct SelfStoppingVm {
-    vm: Arc<FakeVm>,
-    server: Mutex<Option<ApiServerHandle>>,
+/// Where a [`StoppingVm`] drops its API server when asked to stop.
+#[derive(Clone, Copy)]
+enum DropOn {
+    /// On the API thread, inside the handler.
+    ApiThread,
+    /// On another thread, the way the core's main thread tears the VM down while the
+    /// API thread is still answering.
+    OtherThread,
 }
 
-impl VmController for SelfStoppingVm {
+/// A VM that owns its API server and drops it when it is asked to stop.
+struct StoppingVm {
+    vm: Arc<FakeVm>,
+    server: Mutex<Option<ApiServerHandle>>,
+    drop_on: DropOn,
+}
+
+impl StoppingVm {
+    /// Serves `path` with a new stopping VM; returns a client for it.
+    fn serve(path: &Path, drop_on: DropOn) -> ApiClient {
+        let vm = Arc::new(StoppingVm {
+            vm: FakeVm::new(),
+            server: Mutex::new(None),
+            drop_on,
+        });
+        let server = ApiServer::start(path, vm.clone()).unwrap();
+        *vm.server.lock().unwrap() = Some(server);
+        ApiClient::new(path)
+    }
+}
+
+impl VmController for StoppingVm {
     fn info(&self) -> VmInfo {
         self.vm.info()
     }
@@ -465,7 +490,15 @@ impl VmController for SelfStoppingVm {
     fn set_state(&self, requested: RequestedState) -> Result<VmInfo, ControlError> {
         let info = self.vm.set_state(requested)?;
         if requested == RequestedState::Stopped {
-            drop(self.server.lock().unwrap().take());
+            let server = self.server.lock().unwrap().take();
+            match self.drop_on {
+                DropOn::ApiThread => drop(server),
+                DropOn::OtherThread => {
+                    std::thread::spawn(move || drop(server));
+                    // Give the other thread time to be inside Drop before we answer.
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
         }
         Ok(info)
     }
@@ -475,13 +508,7 @@ impl VmController for SelfStoppingVm {
 fn a_controller_may_drop_the_server_while_answering() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("api.sock");
-    let vm = Arc::new(SelfStoppingVm {
-        vm: FakeVm::new(),
-        server: Mutex::new(None),
-    });
-    let server = ApiServer::start(&path, vm.clone()).unwrap();
-    *vm.server.lock().unwrap() = Some(server);
-    let client = ApiClient::new(&path);
+    let client = StoppingVm::serve(&path, DropOn::ApiThread);
     // The stop is answered although the server is dropped while handling it.
     assert_eq!(
         client.set_state(RequestedState::Stopped).unwrap().state,
@@ -491,41 +518,11 @@ fn a_controller_may_drop_the_server_while_answering() {
     assert!(matches!(client.get_vm(), Err(ClientError::Connect { .. })));
 }
 
-/// A VM whose stop hands its API server to another thread to drop, the way the core's
-/// main thread tears the VM down while the API thread is still answering.
-struct StoppedElsewhereVm {
-    vm: Arc<FakeVm>,
-    server: Mutex<Option<ApiServerHandle>>,
-}
-
-impl VmController for StoppedElsewhereVm {
-    fn info(&self) -> VmInfo {
-        self.vm.info()
-    }
-
-    fn set_state(&self, requested: RequestedState) -> Result<VmInfo, ControlError> {
-        let info = self.vm.set_state(requested)?;
-        if requested == RequestedState::Stopped {
-            let server = self.server.lock().unwrap().take();
-            std::thread::spawn(move || drop(server));
-            // Give the other thread time to be inside Drop before we answer.
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        Ok(info)
-    }
-}
-
 #[test]
 fn a_stop_request_is_answered_when_another_thread_drops_the_server() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("api.sock");
-    let vm = Arc::new(StoppedElsewhereVm {
-        vm: FakeVm::new(),
-        server: Mutex::new(None),
-    });
-    let server = ApiServer::start(&path, vm.clone()).unwrap();
-    *vm.server.lock().unwrap() = Some(server);
-    let client = ApiClient::new(&path);
+    let client = StoppingVm::serve(&path, DropOn::OtherThread);
     assert_eq!(
         client.set_state(RequestedState::Stopped).unwrap().state,
         VmState::Stopped
