@@ -34,6 +34,20 @@ pub struct ProbeVmSpec {
 }
 
 impl ProbeVmSpec {
+    /// A 64 MiB probe VM with one net device `net0`, attached by `device_source`
+    /// (a `socket = ...` or `exec = [...]` line).
+    pub fn net(name: &str, cmdline: String, device_source: String, api: bool) -> ProbeVmSpec {
+        ProbeVmSpec {
+            name: name.into(),
+            cmdline,
+            memory_mib: 64,
+            device_id: "net0".into(),
+            device_kind: "net".into(),
+            device_source,
+            api,
+        }
+    }
+
     /// The spec file's text.
     pub fn toml(&self) -> String {
         let api = if self.api {

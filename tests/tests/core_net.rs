@@ -31,15 +31,7 @@ const SECONDS: u64 = 3;
 const TIMEOUT_MS: u64 = 3000;
 
 fn spec(name: &str, cmdline: String, source: String) -> ProbeVmSpec {
-    ProbeVmSpec {
-        name: name.into(),
-        cmdline,
-        memory_mib: 64,
-        device_id: "net0".into(),
-        device_kind: "net".into(),
-        device_source: source,
-        api: false,
-    }
+    ProbeVmSpec::net(name, cmdline, source, false)
 }
 
 fn socket_line(path: &Path) -> String {

@@ -32,15 +32,8 @@ const WINDOW: u16 = 8;
 const MIN_AFTER_LAST: u64 = 100;
 
 fn spec(name: &str, cmdline: String, socket: &std::path::Path) -> ProbeVmSpec {
-    ProbeVmSpec {
-        name: name.into(),
-        cmdline,
-        memory_mib: 64,
-        device_id: "net0".into(),
-        device_kind: "net".into(),
-        device_source: format!("socket = \"{}\"", socket.display()),
-        api: true,
-    }
+    let source = format!("socket = \"{}\"", socket.display());
+    ProbeVmSpec::net(name, cmdline, source, true)
 }
 
 /// The `echoed=` of the sender's last progress line (`probe: net-echo t=...`).
