@@ -62,6 +62,26 @@ fn transport_for(env: &Env, device: &MmioDevice) -> Option<MmioTransport> {
     sane.then(|| unsafe { MmioTransport::new(device.base) })
 }
 
+/// The transport of `device` and its DeviceID, or `None` (said on the console) when
+/// the window is implausible or does not answer like a virtio-mmio device.
+fn open_window(env: &Env, device: &MmioDevice) -> Option<(MmioTransport, u32)> {
+    let Some(transport) = transport_for(env, device) else {
+        serial_println!(
+            "probe: ignoring virtio-mmio window {:#x}+{:#x}: not a plausible MMIO address",
+            device.base,
+            device.size
+        );
+        return None;
+    };
+    match transport.device_id() {
+        Ok(id) => Some((transport, id)),
+        Err(error) => {
+            serial_println!("probe: virtio-mmio {:#x}: {error}", device.base);
+            None
+        }
+    }
+}
+
 /// Opens the first block device on the command line.
 pub fn open_block_device(env: &mut Env) -> Option<BlkDevice> {
     open_block_device_with(env, 0)
@@ -72,20 +92,8 @@ pub fn open_block_device(env: &mut Env) -> Option<BlkDevice> {
 pub fn open_block_device_with(env: &mut Env, extra: u64) -> Option<BlkDevice> {
     let config = env.config.clone();
     for device in config.devices() {
-        let Some(transport) = transport_for(env, &device) else {
-            serial_println!(
-                "probe: ignoring virtio-mmio window {:#x}+{:#x}: not a plausible MMIO address",
-                device.base,
-                device.size
-            );
+        let Some((transport, id)) = open_window(env, &device) else {
             continue;
-        };
-        let id = match transport.device_id() {
-            Ok(id) => id,
-            Err(error) => {
-                serial_println!("probe: virtio-mmio {:#x}: {error}", device.base);
-                continue;
-            }
         };
         serial_println!(
             "probe: virtio-mmio {:#x} irq {}: device id {id}",
@@ -119,16 +127,8 @@ pub fn open_block_device_with(env: &mut Env, extra: u64) -> Option<BlkDevice> {
 /// once per run: the transport owns the window.
 pub fn find_transport(env: &Env, id: u32) -> Option<MmioTransport> {
     for device in env.config.devices() {
-        let Some(transport) = transport_for(env, &device) else {
-            serial_println!(
-                "probe: ignoring virtio-mmio window {:#x}+{:#x}: not a plausible MMIO address",
-                device.base,
-                device.size
-            );
-            continue;
-        };
-        match transport.device_id() {
-            Ok(found) if found == id => {
+        match open_window(env, &device) {
+            Some((transport, found)) if found == id => {
                 serial_println!(
                     "probe: virtio-mmio {:#x} irq {}: device id {id}",
                     device.base,
@@ -136,8 +136,7 @@ pub fn find_transport(env: &Env, id: u32) -> Option<MmioTransport> {
                 );
                 return Some(transport);
             }
-            Ok(_) => {}
-            Err(error) => serial_println!("probe: virtio-mmio {:#x}: {error}", device.base),
+            _ => {}
         }
     }
     None
