@@ -50,13 +50,18 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long a swap request may take before the API gives up waiting for it.
 pub const SWAP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the rings of a backend without an in-flight buffer are sampled
-/// ([`RingTracker`]); [`SAMPLE_BUSY`] when a sample saw many entries pass.
-pub const SAMPLE_IDLE: Duration = Duration::from_millis(5);
-/// See [`SAMPLE_IDLE`].
+/// ([`RingTracker`]) while they move, and for [`QUIET_SAMPLES`] samples after: a
+/// ring's worth of entries (256) may pass in a millisecond only above 256k requests
+/// per second and queue.
 pub const SAMPLE_BUSY: Duration = Duration::from_millis(1);
-/// Ring entries per sample above which sampling speeds up (a quarter of the usual
-/// queue size: well before slots are reused unseen).
-const BUSY_ENTRIES: u16 = 64;
+/// How often they are sampled once they have been still for a while. A guest that
+/// starts at full speed right after a still moment (a benchmark, a restarted backend
+/// serving its backlog) must not pass a ring's worth before the next sample either:
+/// 2 ms allows 128k requests per second from a standing start.
+pub const SAMPLE_IDLE: Duration = Duration::from_millis(2);
+/// Samples in a row that saw nothing pass before sampling slows down to
+/// [`SAMPLE_IDLE`] (a quarter of a second).
+const QUIET_SAMPLES: u32 = 250;
 
 /// The delay before a restart after `streak` failures in a row.
 pub fn backoff(streak: u32) -> Duration {
@@ -188,7 +193,7 @@ impl BackendSupervisor {
             devices: supervised,
             runtime_dir,
             base_dir,
-            sample_every: SAMPLE_IDLE,
+            quiet_samples: 0,
             next_sample: Instant::now(),
         };
         for i in 0..inner.devices.len() {
@@ -348,7 +353,8 @@ struct Supervisor {
     devices: Vec<Device>,
     runtime_dir: PathBuf,
     base_dir: PathBuf,
-    sample_every: Duration,
+    /// Ring samples in a row that saw nothing pass.
+    quiet_samples: u32,
     next_sample: Instant,
 }
 
@@ -419,12 +425,17 @@ impl Supervisor {
                 busiest = busiest.max(tracker.sample(&d.mem));
             }
         }
-        self.sample_every = if busiest >= BUSY_ENTRIES {
-            SAMPLE_BUSY
+        self.quiet_samples = if busiest == 0 {
+            self.quiet_samples.saturating_add(1)
         } else {
-            SAMPLE_IDLE
+            0
         };
-        self.next_sample = now + self.sample_every;
+        let every = if self.quiet_samples >= QUIET_SAMPLES {
+            SAMPLE_IDLE
+        } else {
+            SAMPLE_BUSY
+        };
+        self.next_sample = now + every;
     }
 
     /// Runs queued commands; false once the command channel is closed.
@@ -452,6 +463,11 @@ impl Supervisor {
             (t.watch(), t.info().inflight_tracking)
         };
         dev.sampled = !tracks;
+        if dev.sampled {
+            // A backend just (re)attached serves the guest's backlog at once.
+            self.quiet_samples = 0;
+            self.next_sample = self.next_sample.min(Instant::now() + SAMPLE_BUSY);
+        }
         let watch = match watch {
             Ok(Some(w)) => w,
             Ok(None) => return,

@@ -180,11 +180,16 @@ pub fn assert_verified(status: ExitStatus, fields: &[(String, String)], image: &
 pub struct Rng(u64);
 
 impl Rng {
-    /// Seeded from the clock.
+    /// Seeded from the clock, or from `PLEXVM_TEST_SEED` to repeat a run's timings.
     pub fn from_time() -> Rng {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64)
+        let seed = std::env::var("PLEXVM_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            })
             | 1;
         note(&format!("kill timing seed {seed}"));
         Rng(seed)

@@ -91,7 +91,14 @@ impl QueueTracker {
         u16::try_from(id).ok()
     }
 
-    fn lose_track(&mut self) {
+    /// Forgets the outstanding list; says why the first time (until exact again).
+    fn lose_track(&mut self, why: std::fmt::Arguments<'_>) {
+        if self.exact {
+            tracing::warn!(
+                "ring tracker (avail ring {:#x}): lost track of the outstanding requests: {why}",
+                self.avail.0
+            );
+        }
         self.exact = false;
         self.outstanding.clear();
     }
@@ -99,23 +106,24 @@ impl QueueTracker {
     /// Takes in what changed since the last sample; returns how many ring entries
     /// passed (avail plus used), so the caller can sample more often when busy.
     fn sample(&mut self, mem: &GuestMemory) -> u16 {
-        // Used index first: every entry it covers was made available before it was
-        // returned, so before the avail index read next.
-        let (Some(used), Some(avail)) = (
-            self.read_u16(mem, self.used, IDX),
-            self.read_u16(mem, self.avail, IDX),
-        ) else {
-            self.lose_track();
+        let Some((used, avail)) = self.indices(mem) else {
+            self.lose_track(format_args!("the ring indices cannot be read"));
             return 0;
         };
-        fence(Ordering::Acquire);
         let new_avail = avail.wrapping_sub(self.avail_seen);
         let new_used = used.wrapping_sub(self.used_seen);
-        if new_avail > self.size || new_used > self.size {
+        let size = self.size;
+        if new_avail > size || new_used > size {
             // Ring slots were reused before they were seen.
-            self.lose_track();
+            self.lose_track(format_args!(
+                "{new_avail} entries made available and {new_used} returned between two \
+                 samples, ring size {size}"
+            ));
         } else if self.exact {
             self.take_in(mem, avail, used);
+            if self.exact {
+                self.check_unchanged(mem);
+            }
         }
         self.avail_seen = avail;
         self.used_seen = used;
@@ -127,12 +135,47 @@ impl QueueTracker {
         new_avail.saturating_add(new_used)
     }
 
+    /// The used and the avail index, read in that order: every entry the used index
+    /// covers was made available before it was returned, so before the avail index
+    /// read next.
+    fn indices(&self, mem: &GuestMemory) -> Option<(u16, u16)> {
+        let used = self.read_u16(mem, self.used, IDX)?;
+        let avail = self.read_u16(mem, self.avail, IDX)?;
+        fence(Ordering::Acquire);
+        Some((used, avail))
+    }
+
+    /// After [`Self::take_in`] read the ring slots from the last seen indices on: the
+    /// driver and the backend went on meanwhile, and a slot they may have written for
+    /// an entry a ring's length further on (written before its index is published)
+    /// would have been read as the older entry. If the indices have come that close
+    /// (this thread was preempted while reading), the list is not trusted.
+    fn check_unchanged(&mut self, mem: &GuestMemory) {
+        fence(Ordering::Acquire);
+        let Some((used, avail)) = self.indices(mem) else {
+            return self.lose_track(format_args!("the ring indices cannot be read"));
+        };
+        // The slot of position `seen` is rewritten for position `seen + size`, which may
+        // happen while the published index is `seen + size`.
+        let avail_ahead = avail.wrapping_sub(self.avail_seen);
+        let used_ahead = used.wrapping_sub(self.used_seen);
+        let size = self.size;
+        if avail_ahead >= size || used_ahead >= size {
+            self.lose_track(format_args!(
+                "the rings moved by {avail_ahead} avail and {used_ahead} used entries while \
+                 they were read, ring size {size}"
+            ));
+        }
+    }
+
     fn take_in(&mut self, mem: &GuestMemory, avail: u16, used: u16) {
         let mut pos = self.avail_seen;
         while pos != avail {
             match self.avail_head(mem, pos) {
                 Some(head) => self.outstanding.push_back((pos, head)),
-                None => return self.lose_track(),
+                None => {
+                    return self.lose_track(format_args!("avail slot {pos} cannot be read"));
+                }
             }
             pos = pos.wrapping_add(1);
         }
@@ -146,7 +189,11 @@ impl QueueTracker {
                 }
                 // The backend returned something that was not outstanding: whatever
                 // it did, the list no longer describes the ring.
-                None => return self.lose_track(),
+                None => {
+                    return self.lose_track(format_args!(
+                        "used entry {pos} returns head {head:?}, which was not outstanding"
+                    ));
+                }
             }
             pos = pos.wrapping_add(1);
         }
