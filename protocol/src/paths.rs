@@ -19,6 +19,12 @@ pub fn vm_runtime_dir(root: &Path, vm_name: &str, core_pid: u32) -> PathBuf {
     root.join(format!("{vm_name}.{core_pid}"))
 }
 
+/// The core pid at the end of a runtime folder's name (`<vm name>.<pid>`), if any.
+pub fn vm_runtime_dir_pid(folder_name: &str) -> Option<u32> {
+    let (_, pid) = folder_name.rsplit_once('.')?;
+    pid.parse().ok().filter(|&pid| pid > 0)
+}
+
 /// The vhost-user socket the core gives a spawned backend of device `device_id`.
 pub fn backend_socket(vm_dir: &Path, device_id: &str) -> PathBuf {
     vm_dir.join(format!("{device_id}.sock"))
@@ -27,6 +33,16 @@ pub fn backend_socket(vm_dir: &Path, device_id: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_core_pid_is_read_back_from_a_folder_name() {
+        let dir = vm_runtime_dir(Path::new("/r"), "web.1", 4242);
+        let name = dir.file_name().unwrap().to_str().unwrap();
+        assert_eq!(vm_runtime_dir_pid(name), Some(4242));
+        assert_eq!(vm_runtime_dir_pid("notes"), None);
+        assert_eq!(vm_runtime_dir_pid("vm.0"), None);
+        assert_eq!(vm_runtime_dir_pid("vm.-3"), None);
+    }
 
     #[test]
     fn two_vms_with_one_name_get_different_folders() {

@@ -13,6 +13,7 @@ pub mod devices;
 pub mod memory;
 pub mod probe;
 pub mod runner;
+pub mod runtime_dir;
 pub mod supervisor;
 pub mod vcpu;
 pub mod vhost_user;

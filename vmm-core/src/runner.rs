@@ -16,6 +16,7 @@ use crate::devices::legacy::{self, ExitPort, ExitSender, GuestExit, IrqLine, Ser
 use crate::devices::serial_buffer::{line_buffered, SerialFlusher};
 use crate::devices::{MmioDevice, PioDevice};
 use crate::memory::{create_guest_memory, MemoryError};
+use crate::runtime_dir::RuntimeDir;
 use crate::vcpu::{configure_vcpu, ExitHandlers, RunState, VcpuError, VcpuSet};
 use crate::virtio_devices::VirtioDevices;
 use crate::vm::{Vm, VmError};
@@ -199,31 +200,6 @@ impl RunOutcome {
     }
 }
 
-/// A runtime folder that is removed when the VM ends.
-#[derive(Debug)]
-struct RuntimeDir(PathBuf);
-
-impl RuntimeDir {
-    fn create(name: &str) -> Result<RuntimeDir, RunError> {
-        let xdg = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from);
-        // SAFETY: getuid has no preconditions and cannot fail.
-        let uid = unsafe { libc::getuid() };
-        let root = plexvm_protocol::paths::runtime_root(xdg.as_deref(), uid);
-        let dir = plexvm_protocol::paths::vm_runtime_dir(&root, name, std::process::id());
-        std::fs::create_dir_all(&dir).map_err(|source| RunError::RuntimeDir {
-            path: dir.clone(),
-            source,
-        })?;
-        Ok(RuntimeDir(dir))
-    }
-}
-
-impl Drop for RuntimeDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn device_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RunError {
     let what = what.into();
     move |e| RunError::Device {
@@ -343,8 +319,9 @@ pub fn prepare(config: VmConfigResolved, serial: SerialOut) -> Result<PreparedVm
     let runtime_dir = RuntimeDir::create(&config.name)?;
     // The backends start up (exec, load, open their image, listen) while the core sets
     // up KVM, guest memory, the kernel and the vCPUs; only then does it connect to them.
-    let mut early = crate::backend::spawn_early(&config.devices, &runtime_dir.0, &config.base_dir)
-        .map_err(|e| RunError::Devices(e.into()))?;
+    let mut early =
+        crate::backend::spawn_early(&config.devices, runtime_dir.path(), &config.base_dir)
+            .map_err(|e| RunError::Devices(e.into()))?;
     let memory = create_guest_memory(config.memory_mib << 20).map_err(RunError::Memory)?;
     let vm = Vm::new(memory).map_err(RunError::Vm)?;
     let (exit_tx, exits) = channel();
@@ -356,7 +333,7 @@ pub fn prepare(config: VmConfigResolved, serial: SerialOut) -> Result<PreparedVm
     };
     let vcpus = create_vcpus(&vm, &config, kernel.entry)?;
     let mut mmio: Bus<dyn MmioDevice> = Bus::new();
-    let devices = VirtioDevices::create(&config, &vm, &runtime_dir.0, &mut mmio, &mut early)
+    let devices = VirtioDevices::create(&config, &vm, runtime_dir.path(), &mut mmio, &mut early)
         .map_err(RunError::Devices)?;
     drop(early);
     // The command line and the ACPI tables name the devices' MMIO windows.
