@@ -8,6 +8,9 @@ use plexvm::api::{run_ctl, CtlArgs};
 use plexvm::error_chain;
 use plexvm::runner::{self, SerialOut};
 use plexvm_protocol::VmSpec;
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// plexvm: a microkernel-style VMM whose devices are vhost-user backend processes.
 #[derive(Debug, Parser)]
@@ -93,14 +96,38 @@ fn demo(seed: u64) -> ExitCode {
     }
 }
 
+/// The variable that sets what the core logs (README: `PLEXVM_LOG=info`).
+const LOG_ENV: &str = "PLEXVM_LOG";
+
+/// The log filter from `PLEXVM_LOG`'s value: comma-separated `level` and
+/// `target=level` directives (`info`, `warn,plexvm::supervisor=debug`); `warn` when it
+/// is unset, empty or not understood.
+///
+/// A `Targets` filter, not `EnvFilter`: the same directives without span and field
+/// matching, whose regex engine was ~0.45 MiB of the core's binary and ~0.35 MiB of
+/// its resident memory (perf/results/NOTES.md, "Core overhead").
+fn log_filter(directives: Option<&str>) -> Targets {
+    let default = Targets::new().with_default(LevelFilter::WARN);
+    match directives {
+        Some(directives) if !directives.trim().is_empty() => {
+            directives.parse().unwrap_or_else(|error| {
+                eprintln!("plexvm: ignoring {LOG_ENV}={directives:?}: {error}");
+                default
+            })
+        }
+        _ => default,
+    }
+}
+
 fn main() -> ExitCode {
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("PLEXVM_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+    let directives = std::env::var(LOG_ENV).ok();
+    tracing_subscriber::registry()
+        .with(log_filter(directives.as_deref()))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal()),
         )
         .init();
     let cli = Cli::parse();
@@ -117,5 +144,37 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing::Level;
+
+    #[test]
+    fn log_filter_reads_level_and_target_directives() {
+        let filter = log_filter(Some("info"));
+        assert!(filter.would_enable("plexvm::runner", &Level::INFO));
+        assert!(!filter.would_enable("plexvm::runner", &Level::DEBUG));
+
+        let filter = log_filter(Some("warn,plexvm::supervisor=debug"));
+        assert!(filter.would_enable("plexvm::supervisor", &Level::DEBUG));
+        assert!(!filter.would_enable("plexvm::runner", &Level::INFO));
+    }
+
+    #[test]
+    fn log_filter_falls_back_to_warn() {
+        for directives in [None, Some(""), Some("[span{x=1}]=nonsense")] {
+            let filter = log_filter(directives);
+            assert!(
+                filter.would_enable("plexvm", &Level::WARN),
+                "{directives:?}"
+            );
+            assert!(
+                !filter.would_enable("plexvm", &Level::INFO),
+                "{directives:?}"
+            );
+        }
     }
 }
