@@ -63,7 +63,12 @@ fn sigkilled_qemu_storage_daemon_is_replaced_and_reconnected() {
         );
         assert!(!back.inflight_tracking, "{back:?}{}", vm.logs());
         // The core's ring tracker knew which requests were outstanding.
-        assert!(back.inflight_state_known, "{back:?}{}", vm.logs());
+        assert!(
+            back.inflight_state_known,
+            "kill {kills}: {back:?}\nwhy the ring tracker lost track:\n{}{}",
+            lines_with(&vm.core_log(), "ring tracker"),
+            vm.logs()
+        );
         stalls.push(back.last_stall_ms.expect("a finished down period"));
     }
     let disk = vm.disk();
@@ -84,4 +89,10 @@ fn sigkilled_qemu_storage_daemon_is_replaced_and_reconnected() {
     let (status, fields, logs) = vm.finish(Duration::from_secs(240));
     drop(daemon);
     assert_verified(status, &fields, &image, &logs);
+}
+
+/// The lines of `log` that contain `needle`.
+fn lines_with(log: &str, needle: &str) -> String {
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains(needle)).collect();
+    lines.join("\n")
 }

@@ -315,6 +315,14 @@ struct Device {
 }
 
 impl Device {
+    /// Whether its rings are sampled now: while a backend without an in-flight buffer
+    /// serves it, and while a restart is pending after one went away — an attempt
+    /// that failed after the rings were handed over may have left a backend that goes
+    /// on completing requests until it notices.
+    fn rings_sampled(&self) -> bool {
+        self.sampled && (self.watch.is_some() || self.retry_at.is_some())
+    }
+
     fn new(d: SupervisedDevice, health: Arc<Mutex<DeviceHealth>>, runtime_dir: &Path) -> Self {
         let (state, socket, (tracker, mem)) = {
             let t = lock(&d.transport);
@@ -392,7 +400,7 @@ impl Supervisor {
         let sample = self
             .devices
             .iter()
-            .any(|d| d.sampled && d.watch.is_some())
+            .any(Device::rings_sampled)
             .then_some(self.next_sample);
         self.devices
             .iter()
@@ -415,11 +423,7 @@ impl Supervisor {
             return;
         }
         let mut busiest = 0;
-        for d in self
-            .devices
-            .iter()
-            .filter(|d| d.sampled && d.watch.is_some())
-        {
+        for d in self.devices.iter().filter(|d| d.rings_sampled()) {
             let mut tracker = lock(&d.tracker);
             if tracker.is_active() {
                 busiest = busiest.max(tracker.sample(&d.mem));
