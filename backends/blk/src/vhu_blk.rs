@@ -72,9 +72,6 @@ pub enum VhostUserBlkError {
     /// The eventfd that stops a queue worker cannot be created.
     #[error("cannot create a worker exit eventfd")]
     ExitEvent(#[source] io::Error),
-    /// The I/O pool's threads cannot be started.
-    #[error("cannot start the I/O threads")]
-    IoPool(#[source] io::Error),
 }
 
 /// How the queue workers serve their rings.
@@ -82,8 +79,8 @@ pub enum VhostUserBlkError {
 pub struct WorkerOptions {
     /// Longest busy-poll of a drained ring (zero: never poll).
     pub poll_max: Duration,
-    /// Threads that execute long requests side by side (zero: none, every request is
-    /// executed by its queue's worker).
+    /// Most threads that execute long requests side by side, started as needed (zero:
+    /// none, every request is executed by its queue's worker).
     pub io_threads: u16,
     /// Average execution time from which long requests go to the threads
     /// ([`crate::io_pool::WORTH_A_THREAD`] by default; zero: whenever they can overlap).
@@ -236,7 +233,7 @@ impl VhostUserBlk {
             .map_err(VhostUserBlkError::ExitEvent)?;
         let pool = match options.io_threads {
             0 => None,
-            n => Some(IoPool::new(n).map_err(VhostUserBlkError::IoPool)?),
+            n => Some(IoPool::new(n)),
         };
         let per_queue = || 0..layout.queues;
         Ok(VhostUserBlk {
