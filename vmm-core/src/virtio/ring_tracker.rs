@@ -146,24 +146,21 @@ impl QueueTracker {
     }
 
     /// After [`Self::take_in`] read the ring slots from the last seen indices on: the
-    /// driver and the backend went on meanwhile, and a slot they may have written for
-    /// an entry a ring's length further on (written before its index is published)
-    /// would have been read as the older entry. If the indices have come that close
-    /// (this thread was preempted while reading), the list is not trusted.
+    /// driver and the backend went on meanwhile, and a slot one of them rewrote for an
+    /// entry a ring's length further on would have been read as the older entry. When
+    /// the indices read now say that may have happened (this thread was preempted while
+    /// reading), the list is not trusted.
     fn check_unchanged(&mut self, mem: &GuestMemory) {
         fence(Ordering::Acquire);
         let Some((used, avail)) = self.indices(mem) else {
             return self.lose_track(format_args!("the ring indices cannot be read"));
         };
-        // The slot of position `seen` is rewritten for position `seen + size`, which may
-        // happen while the published index is `seen + size`.
-        let avail_ahead = avail.wrapping_sub(self.avail_seen);
-        let used_ahead = used.wrapping_sub(self.used_seen);
-        let size = self.size;
-        if avail_ahead >= size || used_ahead >= size {
+        let (from_avail, from_used) = (self.avail_seen, self.used_seen);
+        if overtaken(self.size, from_avail, from_used, avail, used) {
+            let size = self.size;
             self.lose_track(format_args!(
-                "the rings moved by {avail_ahead} avail and {used_ahead} used entries while \
-                 they were read, ring size {size}"
+                "the rings moved from avail {from_avail} used {from_used} to avail {avail} \
+                 used {used} while they were read, ring size {size}"
             ));
         }
     }
@@ -198,6 +195,27 @@ impl QueueTracker {
             pos = pos.wrapping_add(1);
         }
     }
+}
+
+/// Whether slots read from avail position `from_avail` and used position `from_used`
+/// on may have been rewritten before the indices became `avail` and `used`.
+///
+/// Avail slot p is rewritten when the driver writes position p + size, which a driver
+/// that publishes each entry as it adds it (Linux, the probe) does while the published
+/// index is p + size, and only with a free descriptor, i.e. once the used index has
+/// passed p. Used slot q is rewritten when the backend writes position q + size, which
+/// a backend that publishes each return (qemu-storage-daemon, plexvm-blk) does while
+/// the published index is q + size. A full ring seen for the first time (avail = used +
+/// size, nothing returned) is therefore not overtaken, nor is a full receive ring that
+/// moves. Drivers or backends that write several entries before publishing them are
+/// caught only when a ring's worth was published.
+fn overtaken(size: u16, from_avail: u16, from_used: u16, avail: u16, used: u16) -> bool {
+    let avail_ahead = avail.wrapping_sub(from_avail);
+    let used_past_from_avail = used.wrapping_sub(from_avail);
+    let driver_may_have = avail_ahead > size
+        || (avail_ahead == size && used_past_from_avail != 0 && used_past_from_avail <= size);
+    let backend_may_have = used.wrapping_sub(from_used) >= size;
+    driver_may_have || backend_may_have
 }
 
 /// The trackers of a device's queues (see the module docs).
@@ -389,6 +407,24 @@ mod tests {
             t.rewrite_outstanding(&r.mem),
             "exact again after an idle moment"
         );
+    }
+
+    #[test]
+    fn rings_overtaken_while_read_are_told_from_rings_that_only_moved() {
+        // A full ring seen the first time, nothing returned: not overtaken.
+        assert!(!overtaken(256, 10, 10, 266, 10));
+        // ... but once something was returned the driver may be writing position 266,
+        // whose slot is position 10's.
+        assert!(overtaken(256, 10, 10, 266, 11));
+        // The driver published past a ring's length: overtaken.
+        assert!(overtaken(256, 10, 10, 267, 20));
+        // Ordinary progress, across the u16 wrap too.
+        assert!(!overtaken(256, 100, 90, 140, 120));
+        assert!(!overtaken(256, 65530, 65520, 20, 10));
+        // A full receive ring that moves: not overtaken.
+        assert!(!overtaken(256, 266, 10, 276, 20));
+        // The backend may be writing position from_used + size: overtaken.
+        assert!(overtaken(256, 290, 40, 297, 296));
     }
 
     #[test]
