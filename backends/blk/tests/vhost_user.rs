@@ -362,12 +362,19 @@ impl Guest {
             .unwrap();
     }
 
+    /// The used ring's element at position `pos`: (head id, length written).
+    fn used_elem(&self, pos: u16) -> (u32, u32) {
+        let at = USED_RING + 4 + 8 * u64::from(pos % QUEUE_SIZE);
+        let id: u32 = self.mem.read_obj(GuestAddress(at)).unwrap();
+        let len: u32 = self.mem.read_obj(GuestAddress(at + 4)).unwrap();
+        (id, len)
+    }
+
     fn wait_used(&mut self) -> u32 {
-        let used_addr = USED_RING;
         let target = self.used_seen.wrapping_add(1);
         let mut events = [EpollEvent::default(); 1];
         loop {
-            let idx: u16 = self.mem.read_obj(GuestAddress(used_addr + 2)).unwrap();
+            let idx: u16 = self.mem.read_obj(GuestAddress(USED_RING + 2)).unwrap();
             if idx == target {
                 break;
             }
@@ -375,15 +382,7 @@ impl Guest {
             assert_eq!(ready, 1, "backend did not signal the call eventfd");
             let _ = self.call.read();
         }
-        let slot = u64::from(self.used_seen % QUEUE_SIZE);
-        let id: u32 = self
-            .mem
-            .read_obj(GuestAddress(used_addr + 4 + 8 * slot))
-            .unwrap();
-        let len: u32 = self
-            .mem
-            .read_obj(GuestAddress(used_addr + 8 + 8 * slot))
-            .unwrap();
+        let (id, len) = self.used_elem(self.used_seen);
         assert_eq!(id, 0, "head index of the only chain");
         self.used_seen = target;
         len
@@ -622,15 +621,7 @@ fn run_batch(guest: &mut Guest, requests: &[(u32, u64, u64, u32)]) -> Vec<(u32, 
     guest.used_seen = end;
     (0..requests.len() as u16)
         .map(|k| {
-            let slot = u64::from(start.wrapping_add(k) % QUEUE_SIZE);
-            let id: u32 = guest
-                .mem
-                .read_obj(GuestAddress(USED_RING + 4 + 8 * slot))
-                .unwrap();
-            let len: u32 = guest
-                .mem
-                .read_obj(GuestAddress(USED_RING + 8 + 8 * slot))
-                .unwrap();
+            let (id, len) = guest.used_elem(start.wrapping_add(k));
             let status: u8 = guest
                 .mem
                 .read_obj(GuestAddress(STATUSES + u64::from(id) / 3))
