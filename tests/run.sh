@@ -35,7 +35,22 @@ if ((${#missing[@]})); then
   log "installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Some machine images ship a newer qemu-utils (from backports) than the archive's
+  # qemu-system-x86, and the two then conflict (qemu-utils >= 8 Breaks
+  # qemu-system-common < 8). The tests are written against one QEMU: install all three
+  # at the version the archive offers for qemu-system-x86, downgrading if needed.
+  qemu=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ {print $2}')
+  pinned=()
+  for p in "${missing[@]}"; do
+    case "$p" in
+      qemu-system-x86 | qemu-utils) ;;
+      *) pinned+=("$p") ;;
+    esac
+  done
+  if [[ " ${missing[*]} " == *" qemu-"* ]]; then
+    pinned+=("qemu-system-x86=$qemu" "qemu-utils=$qemu" "qemu-system-common=$qemu")
+  fi
+  apt-get install -y -qq --no-install-recommends --allow-downgrades "${pinned[@]}" >/dev/null
 fi
 # Further per-component dependencies (each script is idempotent).
 for deps in container-shim/tests/deps.sh; do
