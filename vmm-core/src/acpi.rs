@@ -14,9 +14,10 @@
 //! address in `boot_params.acpi_rsdp_addr` (boot protocol 2.14) so no scan is needed.
 
 use acpi_tables::aml::{
-    Device, EISAName, Interrupt, Memory32Fixed, Name, Path, ResourceTemplate, Scope, IO,
+    Device, EISAName, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate, Scope, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
 };
@@ -26,7 +27,7 @@ use acpi_tables::xsdt::XSDT;
 use acpi_tables::Aml;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::devices::legacy::{COM1_BASE, COM1_IRQ};
+use crate::devices::legacy::{ACPI_SLEEP_PORT, COM1_BASE, COM1_IRQ, PVPANIC_PORT, S5_SLEEP_TYPE};
 use crate::memory::GuestMemory;
 use crate::virtio::MMIO_WINDOW_SIZE;
 
@@ -128,13 +129,27 @@ fn bytes_of(table: &dyn Aml) -> Vec<u8> {
 }
 
 /// FADT of a hardware-reduced platform whose DSDT is at `dsdt`. The power and sleep
-/// buttons are flagged as control-method devices (there are no fixed-feature ones).
+/// buttons are flagged as control-method devices (there are no fixed-feature ones). The
+/// sleep control and status registers are the one-byte ports at [`ACPI_SLEEP_PORT`]:
+/// with them and the DSDT's `\_S5_`, Linux's `poweroff` powers the VM off (without
+/// them it can only halt, and the VM would never end).
 fn fadt(dsdt: u64) -> acpi_tables::fadt::FADT {
     let mut fadt = FADTBuilder::new(OEM_ID, *b"PLEXFACP", OEM_REVISION)
         .dsdt_64(dsdt)
         .flag(Flags::HwReducedAcpi)
         .flag(Flags::PwrButton)
         .flag(Flags::SlpButton);
+    let port = |p: u16| {
+        GAS::new(
+            AddressSpace::SystemIo,
+            8,
+            0,
+            AccessSize::ByteAccess,
+            p.into(),
+        )
+    };
+    fadt.sleep_control_reg = port(ACPI_SLEEP_PORT);
+    fadt.sleep_status_reg = port(ACPI_SLEEP_PORT + 1);
     fadt.iapc_boot_arch = IAPC_BOOT_ARCH.into();
     fadt.hypervisor_vendor_identity = u64::from_le_bytes(HYPERVISOR_VENDOR).into();
     fadt.finalize()
@@ -169,6 +184,7 @@ fn dsdt(virtio_windows: &[(u64, u32)]) -> Result<Vec<u8>, AcpiError> {
         return Err(AcpiError::TooManyDevices(virtio_windows.len()));
     }
     let mut devices = com1_aml();
+    devices.extend(pvpanic_aml());
     for (i, &(base, gsi)) in virtio_windows.iter().enumerate() {
         let base32 = u32::try_from(base).map_err(|_| AcpiError::WindowAbove4G(base))?;
         devices.extend(virtio_mmio_aml(i as u32, base32, gsi));
@@ -176,6 +192,11 @@ fn dsdt(virtio_windows: &[(u64, u32)]) -> Result<Vec<u8>, AcpiError> {
     let body = Scope::raw(Path::new("\\_SB_"), devices);
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"PLEXDSDT", OEM_REVISION);
     dsdt.append_slice(&body);
+    // \_S5_: the soft-off sleep type written to the sleep control register.
+    dsdt.append_slice(&bytes_of(&Name::new(
+        Path::new("\\_S5_"),
+        &Package::new(vec![&S5_SLEEP_TYPE]),
+    )));
     Ok(dsdt.as_slice().to_vec())
 }
 
@@ -190,6 +211,14 @@ fn virtio_mmio_aml(index: u32, base: u32, gsi: u32) -> Vec<u8> {
     );
     let name = format!("V{index:03X}");
     bytes_of(&Device::new(Path::new(&name), vec![&hid, &uid, &crs]))
+}
+
+/// pvpanic as QEMU describes it (`QEMU0001`, one I/O port), for Linux's `pvpanic_mmio`.
+fn pvpanic_aml() -> Vec<u8> {
+    let hid = Name::new(Path::new("_HID"), &"QEMU0001");
+    let ports = IO::new(PVPANIC_PORT, PVPANIC_PORT, 1, 1);
+    let crs = Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&ports]));
+    bytes_of(&Device::new(Path::new("PEVT"), vec![&hid, &crs]))
 }
 
 /// COM1 as a PNP 16550 so Linux's 8250 driver binds it with its IRQ through ACPI.

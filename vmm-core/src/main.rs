@@ -61,6 +61,8 @@ fn run(spec: &Path) -> ExitCode {
                 eprintln!("plexvm: guest stopped: {msg}");
             } else if outcome.exit == plexvm::devices::legacy::GuestExit::TripleFault {
                 eprintln!("plexvm: guest triple fault (shutdown)");
+            } else if outcome.exit == plexvm::devices::legacy::GuestExit::Panicked {
+                eprintln!("plexvm: the guest kernel panicked (pvpanic)");
             }
             ExitCode::from(outcome.exit_code().clamp(0, 255) as u8)
         }

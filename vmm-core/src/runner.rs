@@ -231,6 +231,9 @@ fn platform_devices(
     let i8042: Arc<Mutex<dyn PioDevice>> =
         Arc::new(Mutex::new(I8042::new(ExitSender(exit.clone()))));
     let exit_port: Arc<Mutex<dyn PioDevice>> = Arc::new(Mutex::new(ExitPort(exit.clone())));
+    let sleep: Arc<Mutex<dyn PioDevice>> =
+        Arc::new(Mutex::new(legacy::AcpiSleepControl(exit.clone())));
+    let pvpanic: Arc<Mutex<dyn PioDevice>> = Arc::new(Mutex::new(legacy::PvPanic(exit.clone())));
     let insert = |bus: &mut Bus<dyn PioDevice>, base: u16, len: u64, dev, what: &str| {
         bus.insert(u64::from(base), len, dev)
             .map_err(|e| RunError::Device {
@@ -241,6 +244,14 @@ fn platform_devices(
     insert(&mut pio, legacy::COM1_BASE, 8, com1, "COM1")?;
     insert(&mut pio, legacy::I8042_BASE, 5, i8042, "i8042")?;
     insert(&mut pio, legacy::EXIT_PORT, 1, exit_port, "the exit port")?;
+    insert(
+        &mut pio,
+        legacy::ACPI_SLEEP_PORT,
+        2,
+        sleep,
+        "the ACPI sleep registers",
+    )?;
+    insert(&mut pio, legacy::PVPANIC_PORT, 1, pvpanic, "pvpanic")?;
     Ok((pio, flusher))
 }
 

@@ -1,5 +1,6 @@
 //! The few legacy devices the core emulates: COM1 (16550, vm-superio), the i8042 reset
-//! line (vm-superio), and plexvm's exit port (docs/platform.md).
+//! line (vm-superio), plexvm's exit port, the ACPI sleep control register (power-off of
+//! a hardware-reduced ACPI platform) and a pvpanic port (docs/platform.md).
 
 use std::io::Write;
 use std::sync::mpsc::Sender;
@@ -18,6 +19,20 @@ pub const I8042_BASE: u16 = 0x60;
 /// plexvm's exit port: `out 0x501, al` ends the VM with exit code AL.
 pub const EXIT_PORT: u16 = 0x501;
 
+/// The ACPI sleep control and status registers (FADT `SLEEP_CONTROL_REG` and
+/// `SLEEP_STATUS_REG`, one byte each): how a hardware-reduced ACPI guest powers off.
+pub const ACPI_SLEEP_PORT: u16 = 0x600;
+/// The `\_S5_` sleep type the DSDT names; `SLP_TYP` of a write that means power off.
+pub const S5_SLEEP_TYPE: u8 = 5;
+/// pvpanic's port (QEMU's ISA pvpanic default; ACPI `QEMU0001`).
+pub const PVPANIC_PORT: u16 = 0x505;
+/// pvpanic events the device supports (read back by the driver): PANICKED, CRASH_LOADED.
+const PVPANIC_CAPABILITIES: u8 = 0b11;
+/// The pvpanic event "the guest kernel panicked".
+const PVPANIC_PANICKED: u8 = 0b01;
+/// `plexvm`'s exit code when the guest kernel reported a panic through pvpanic.
+pub const PANIC_EXIT_CODE: i32 = 3;
+
 /// Why the guest ended the VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GuestExit {
@@ -29,6 +44,8 @@ pub enum GuestExit {
     PowerOff,
     /// The guest triple-faulted.
     TripleFault,
+    /// The guest kernel reported a panic (pvpanic).
+    Panicked,
     /// A vCPU hit something the core cannot continue from.
     Error(String),
     /// The VM was stopped from outside (control API, signal).
@@ -42,6 +59,7 @@ impl GuestExit {
             GuestExit::ExitPort(code) => i32::from(*code),
             GuestExit::Reset | GuestExit::PowerOff | GuestExit::Stopped => 0,
             GuestExit::TripleFault | GuestExit::Error(_) => 1,
+            GuestExit::Panicked => PANIC_EXIT_CODE,
         }
     }
 }
@@ -147,10 +165,76 @@ impl PioDevice for ExitPort {
     }
 }
 
+/// The ACPI sleep control register (ACPI 6.5, section 4.8.3.7): a write with `SLP_EN`
+/// (bit 5) and `SLP_TYP` (bits 2..=4) = [`S5_SLEEP_TYPE`] powers the VM off. The status
+/// register (offset 1) reads 0: no wake events on this platform.
+#[derive(Debug)]
+pub struct AcpiSleepControl(pub Sender<GuestExit>);
+
+impl PioDevice for AcpiSleepControl {
+    fn pio_read(&mut self, _offset: u16, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn pio_write(&mut self, offset: u16, data: &[u8]) {
+        const SLP_EN: u8 = 1 << 5;
+        if let (0, [byte]) = (offset, data) {
+            if byte & SLP_EN != 0 && (byte >> 2) & 0b111 == S5_SLEEP_TYPE {
+                let _ = self.0.send(GuestExit::PowerOff);
+            }
+        }
+    }
+}
+
+/// pvpanic (QEMU's docs/specs/pvpanic.rst): reading gives the supported events, writing
+/// PANICKED ends the VM with [`PANIC_EXIT_CODE`]. Linux's `pvpanic_mmio` driver binds
+/// it through the DSDT's `QEMU0001` device and writes it from its panic notifier.
+#[derive(Debug)]
+pub struct PvPanic(pub Sender<GuestExit>);
+
+impl PioDevice for PvPanic {
+    fn pio_read(&mut self, _offset: u16, data: &mut [u8]) {
+        data.fill(0);
+        if let Some(b) = data.first_mut() {
+            *b = PVPANIC_CAPABILITIES;
+        }
+    }
+
+    fn pio_write(&mut self, _offset: u16, data: &[u8]) {
+        if data.first().is_some_and(|b| b & PVPANIC_PANICKED != 0) {
+            let _ = self.0.send(GuestExit::Panicked);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::mpsc::channel;
+
+    #[test]
+    fn s5_sleep_powers_off_and_pvpanic_reports_a_panic() {
+        let (tx, rx) = channel();
+        let mut sleep = AcpiSleepControl(tx.clone());
+        sleep.pio_write(0, &[S5_SLEEP_TYPE << 2]);
+        sleep.pio_write(0, &[(3 << 2) | (1 << 5)]);
+        sleep.pio_write(1, &[(S5_SLEEP_TYPE << 2) | (1 << 5)]);
+        assert!(
+            rx.try_recv().is_err(),
+            "only SLP_EN with S5 at offset 0 powers off"
+        );
+        sleep.pio_write(0, &[(S5_SLEEP_TYPE << 2) | (1 << 5)]);
+        assert_eq!(rx.try_recv().unwrap(), GuestExit::PowerOff);
+        let mut panic = PvPanic(tx);
+        let mut caps = [0u8; 1];
+        panic.pio_read(0, &mut caps);
+        assert_eq!(caps, [PVPANIC_CAPABILITIES]);
+        panic.pio_write(0, &[0b10]);
+        assert!(rx.try_recv().is_err(), "CRASH_LOADED alone is not a panic");
+        panic.pio_write(0, &[PVPANIC_PANICKED]);
+        assert_eq!(rx.try_recv().unwrap(), GuestExit::Panicked);
+        assert_eq!(GuestExit::Panicked.exit_code(), PANIC_EXIT_CODE);
+    }
 
     #[test]
     fn exit_port_and_reset_report_the_guest_exit() {
