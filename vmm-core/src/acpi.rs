@@ -359,6 +359,26 @@ mod tests {
         assert_eq!(count(&dsdt, &[0x0c, 0x41, 0xd0, 0x05, 0x01]), 1);
         assert_eq!(count(&dsdt, &[0x47, 1, 0xf8, 3, 0xf8, 3, 1, 8]), 1);
         assert_eq!(count(&dsdt, &[0x89, 6, 0, 0b0011, 1, 4, 0, 0, 0]), 1);
+        // pvpanic: "QEMU0001" and IO(Decode16, 0x505, 0x505, 1, 1); \_S5_ = Package {5}.
+        assert_eq!(count(&dsdt, b"QEMU0001\0"), 1);
+        assert_eq!(count(&dsdt, &[0x47, 1, 0x05, 5, 0x05, 5, 1, 1]), 1);
+        assert_eq!(count(&dsdt, b"_S5_\x12\x04\x01\x0a\x05"), 1);
+    }
+
+    #[test]
+    fn fadt_names_the_sleep_control_and_status_ports() {
+        let mem = create_guest_memory(64 << 20).unwrap();
+        let rsdp = write_acpi_tables(&mem, 1, &WINDOWS).unwrap();
+        let [_, fadt, _, _] = tables(&mem, rsdp);
+        // SLEEP_CONTROL_REG at 244, SLEEP_STATUS_REG at 256 (ACPI 6.5, table 5.9): GAS
+        // {SystemIO, 8 bits, offset 0, byte access, port}.
+        let gas = |port: u64| {
+            let mut g = vec![1, 8, 0, 1];
+            g.extend_from_slice(&port.to_le_bytes());
+            g
+        };
+        assert_eq!(fadt[244..256], gas(0x600)[..]);
+        assert_eq!(fadt[256..268], gas(0x601)[..]);
     }
 
     #[test]
