@@ -187,6 +187,8 @@ pub struct InitramfsSpec {
     pub script: String,
     /// Extra files: guest path (absolute) → contents.
     pub files: Vec<(String, Vec<u8>)>,
+    /// Host programs copied in at their own paths, with the shared libraries they need.
+    pub programs: Vec<PathBuf>,
 }
 
 impl InitramfsSpec {
@@ -197,7 +199,15 @@ impl InitramfsSpec {
             modules: modules.iter().map(|m| m.to_string()).collect(),
             script: script.to_string(),
             files: Vec::new(),
+            programs: Vec::new(),
         }
+    }
+
+    /// Adds a dynamically linked host program (e.g. `/sbin/mke2fs`) at its own path,
+    /// with every library `ldd` names, so the guest can run what busybox lacks.
+    pub fn with_host_program(mut self, path: &str) -> InitramfsSpec {
+        self.programs.push(PathBuf::from(path));
+        self
     }
 
     /// Adds a file at the absolute guest path `path`.
@@ -238,6 +248,9 @@ impl InitramfsSpec {
             }
             write_file(&dest, contents, 0o644)?;
         }
+        for program in &self.programs {
+            copy_with_libraries(program, &root)?;
+        }
         let archive = dir.join("initramfs.cpio");
         pack_cpio(&root, &archive)?;
         Ok(archive)
@@ -274,6 +287,37 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), InitramfsEr
 fn copy_file(src: &Path, dest: &Path, mode: u32) -> Result<(), InitramfsError> {
     fs::copy(src, dest).map_err(io_err("copy", src))?;
     fs::set_permissions(dest, fs::Permissions::from_mode(mode)).map_err(io_err("chmod", dest))
+}
+
+/// Copies `program` and the libraries `ldd` lists for it (the dynamic loader included)
+/// into `root` at their host paths.
+fn copy_with_libraries(program: &Path, root: &Path) -> Result<(), InitramfsError> {
+    let out = Command::new("ldd")
+        .arg(program)
+        .output()
+        .map_err(io_err("run ldd on", program))?;
+    let mut files = vec![program.to_path_buf()];
+    // Lines are `libx.so.1 => /lib/.../libx.so.1 (0x...)` or `/lib64/ld-linux-x86-64.so.2 (0x...)`.
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let path = line
+            .split("=>")
+            .last()
+            .and_then(|rest| rest.split_whitespace().next())
+            .filter(|p| p.starts_with('/'));
+        if let Some(p) = path {
+            files.push(PathBuf::from(p));
+        }
+    }
+    for file in files {
+        // Copy the file a symlink points at, under the link's name.
+        let real = fs::canonicalize(&file).map_err(io_err("resolve", &file))?;
+        let dest = root.join(file.strip_prefix("/").unwrap_or(&file));
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent).map_err(io_err("create", parent))?;
+        }
+        copy_file(&real, &dest, 0o755)?;
+    }
+    Ok(())
 }
 
 /// Copies a module, unpacking `.ko.xz` / `.ko.zst` (newer Debian kernels) with the

@@ -1,12 +1,8 @@
 //! Host tools the end-to-end tests need, and the one rule for skipping.
 //!
-//! `tests/run.sh` installs every Debian package the tests use. A test may skip only when
-//! a package truly is not there (e.g. a developer ran `cargo test` without run.sh on a
-//! machine without apt access), and then it says exactly which tool and package is
-//! missing. When the environment variable `CI` or `PLEXVM_NO_SKIP` is set, a missing
-//! tool fails the test instead: in CI nothing is skipped.
+//! `tests/run.sh` installs every Debian package the tests use. A test whose tool is
+//! missing fails and says exactly which tool and package is missing; no test skips.
 
-use std::io::Write;
 use std::path::Path;
 
 /// A program a test runs, and the Debian package that provides it.
@@ -78,26 +74,22 @@ pub fn missing(tools: &[Tool]) -> Vec<String> {
         .collect()
 }
 
-/// Whether skipping is forbidden here (CI).
-pub fn skipping_forbidden() -> bool {
-    std::env::var_os("CI").is_some() || std::env::var_os("PLEXVM_NO_SKIP").is_some()
+/// Fails `test` when `reasons` (missing tools) is not empty, naming each program and the
+/// package that installs it. A test never skips: one that cannot run here fails, so a
+/// missing install step in tests/run.sh can never hide behind a passing test.
+pub fn require(test: &str, reasons: &[String]) {
+    assert!(
+        reasons.is_empty(),
+        "{test}: required tools are missing (tests/run.sh installs them): {}",
+        reasons.join("; ")
+    );
 }
 
-/// Returns true when `test` must skip because of `reasons` (after printing them);
-/// panics instead when skipping is forbidden. Returns false when `reasons` is empty.
+/// Kept for the callers written when tests could skip: now fails like [`require`] when
+/// `reasons` is not empty, and otherwise returns false.
 pub fn skip_unless_ready(test: &str, reasons: &[String]) -> bool {
-    if reasons.is_empty() {
-        return false;
-    }
-    let text = reasons.join("; ");
-    assert!(
-        !skipping_forbidden(),
-        "{test}: required tools are missing and skipping is not allowed here (CI/PLEXVM_NO_SKIP): {text}"
-    );
-    // Written to the stderr handle directly: the test harness captures only the
-    // print macros, and a skip must be visible also when the test "passes".
-    let _ = writeln!(std::io::stderr(), "SKIP {test}: {text}");
-    true
+    require(test, reasons);
+    false
 }
 
 #[cfg(test)]

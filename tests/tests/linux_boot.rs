@@ -6,20 +6,19 @@
 //! boot in the time a test can wait: the tests here watch the serial console for up to
 //! 90 s ([`watch`]) and assert on what the kernel printed, never on how fast. What Linux
 //! makes of the ACPI tables beyond that is checked by handing them to Debian's kernel
-//! under QEMU. The boot to init with a virtio-blk disk runs only where KVM is
-//! hardware-backed (see [`hardware_kvm`] for the rule) and says why when it skips.
+//! under QEMU. Linux to userspace on the core runs in the lab instead, where KVM is
+//! ordinary (tests/tests/lab_linux.rs).
 
 use std::fs;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use plexvm_tests::initramfs::{GuestKernel, InitramfsSpec, EXT4_MODULES};
-use plexvm_tests::prereq::{self, Tool};
+use plexvm_tests::initramfs::{GuestKernel, InitramfsSpec};
+use plexvm_tests::kernel_image::{debian_kernel, vmlinux};
+use plexvm_tests::prereq;
 use plexvm_tests::qemu::{self, opt_value, QemuGuest};
-use plexvm_tests::{bin, create_image, ext_image, run_plexvm, sha256_file, ChildGuard};
+use plexvm_tests::{bin, create_image, run_plexvm, ChildGuard};
 
 /// How long a test watches a booting kernel before it stops the VM: 90 s, or
 /// `PLEXVM_LINUX_WATCH_S` seconds. Measured here: the last line the tests wait for came
@@ -38,124 +37,6 @@ const MEMORY_MIB: u64 = 128;
 /// The legacy hole the core leaves out of the e820 map (docs/platform.md).
 const EBDA_START: u64 = 0x9_fc00;
 const HIMEM_START: u64 = 0x10_0000;
-
-/// Decompressors for the payload formats Debian's kernels use, with their arguments.
-const XZ: (Tool, &[&str]) = (
-    Tool {
-        program: "xz",
-        package: "xz-utils",
-    },
-    &["-dc", "--single-stream"],
-);
-const ZSTD: (Tool, &[&str]) = (
-    Tool {
-        program: "zstd",
-        package: "zstd",
-    },
-    &["-dcq"],
-);
-
-/// The installed Debian kernel, or `None` after printing why the test skips.
-fn debian_kernel(test: &str) -> Option<GuestKernel> {
-    match GuestKernel::find_installed() {
-        Ok(k) => Some(k),
-        Err(e) => {
-            prereq::skip_unless_ready(test, &[e.to_string()]);
-            None
-        }
-    }
-}
-
-/// The ELF vmlinux inside `kernel`'s bzImage, extracted once per kernel version into a
-/// folder under the system's temp dir (never into the repository).
-fn vmlinux(test: &str, kernel: &GuestKernel) -> Option<PathBuf> {
-    static CACHE: OnceLock<Mutex<Option<PathBuf>>> = OnceLock::new();
-    let mut cached = CACHE
-        .get_or_init(|| Mutex::new(None))
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = cached.as_ref() {
-        return Some(p.clone());
-    }
-    let fail = |e: String| -> ! { panic!("{}: {e}", kernel.image.display()) };
-    let image = fs::read(&kernel.image).unwrap_or_else(|e| fail(e.to_string()));
-    let payload = bzimage_payload(&image).unwrap_or_else(|e| fail(e));
-    let (tool, args) = if payload.starts_with(b"\xfd7zXZ\0") {
-        XZ
-    } else if payload.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        ZSTD
-    } else {
-        fail("the payload is neither xz nor zstd".into())
-    };
-    if prereq::skip_unless_ready(test, &prereq::missing(&[tool])) {
-        return None;
-    }
-    // Keyed by version and image size, so a rebuilt package is extracted afresh.
-    let name = format!("vmlinux-{}-{}", kernel.version, image.len());
-    let path = extract_vmlinux(&name, payload, tool.program, args).unwrap_or_else(|e| fail(e));
-    *cached = Some(path.clone());
-    Some(path)
-}
-
-/// Decompresses the bzImage's `payload` with `program` into `name` in a folder under the
-/// system's temp dir, unless an earlier run left it there. The result is written under a
-/// temporary name and renamed, so test processes running at once never see half a file.
-fn extract_vmlinux(
-    name: &str,
-    payload: &[u8],
-    program: &str,
-    args: &[&str],
-) -> Result<PathBuf, String> {
-    let dir = std::env::temp_dir().join("plexvm-test-kernels");
-    let out = dir.join(name);
-    if is_elf(&out) {
-        return Ok(out);
-    }
-    fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-    let tmp = tempfile::NamedTempFile::new_in(&dir).map_err(|e| e.to_string())?;
-    let packed = tempfile::NamedTempFile::new_in(&dir).map_err(|e| e.to_string())?;
-    fs::write(packed.path(), payload).map_err(|e| e.to_string())?;
-    let status = Command::new(program)
-        .args(args)
-        .arg(packed.path())
-        .stdout(tmp.reopen().map_err(|e| e.to_string())?)
-        .stderr(Stdio::null())
-        .status()
-        .map_err(|e| format!("run {program}: {e}"))?;
-    if !is_elf(tmp.path()) {
-        return Err(format!("{program} ({status}) did not produce an ELF file"));
-    }
-    tmp.persist(&out).map_err(|e| e.to_string())?;
-    Ok(out)
-}
-
-fn is_elf(path: &Path) -> bool {
-    let mut magic = [0u8; 4];
-    fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && magic == *b"\x7fELF"
-}
-
-/// The compressed kernel inside a bzImage, located by the setup header's `setup_sects`,
-/// `payload_offset` and `payload_length` (Documentation/arch/x86/boot.rst).
-fn bzimage_payload(image: &[u8]) -> Result<&[u8], String> {
-    let u32_at = |at: usize| -> Option<u32> {
-        Some(u32::from_le_bytes(image.get(at..at + 4)?.try_into().ok()?))
-    };
-    if image.get(0x202..0x206) != Some(b"HdrS") {
-        return Err("not a bzImage (no HdrS)".into());
-    }
-    let setup_sects = match image[0x1f1] {
-        0 => 4,
-        n => usize::from(n),
-    };
-    let (offset, len) = u32_at(0x248).zip(u32_at(0x24c)).ok_or("short header")?;
-    let start = (setup_sects + 1) * 512 + offset as usize;
-    image
-        .get(start..start + len as usize)
-        .ok_or_else(|| "payload outside the file".to_string())
-}
 
 /// A `plexvm run` whose serial console goes to a file; killed and reaped when dropped.
 struct LinuxVm {
@@ -245,12 +126,8 @@ fn e820_usable(serial: &str) -> Vec<(u64, u64)> {
 #[test]
 fn vmlinux_prints_banner_e820_map_and_finds_the_acpi_tables() {
     let test = "vmlinux_prints_banner_e820_map_and_finds_the_acpi_tables";
-    let Some(kernel) = debian_kernel(test) else {
-        return;
-    };
-    let Some(vmlinux) = vmlinux(test, &kernel) else {
-        return;
-    };
+    let kernel = debian_kernel(test);
+    let vmlinux = vmlinux(test, &kernel);
     let dir = tempfile::tempdir().unwrap();
     create_image(&dir.path().join("disk.img"), 8 << 20).unwrap();
     let disk = "[[device]]\nid = \"disk0\"\nkind = \"blk\"\nexec = [\"plexvm-blk\", \"--image\", \"disk.img\"]\n";
@@ -300,9 +177,7 @@ fn vmlinux_prints_banner_e820_map_and_finds_the_acpi_tables() {
 #[test]
 fn bzimage_runs_its_decompressor() {
     let test = "bzimage_runs_its_decompressor";
-    let Some(kernel) = debian_kernel(test) else {
-        return;
-    };
+    let kernel = debian_kernel(test);
     let dir = tempfile::tempdir().unwrap();
     // Debian builds without CONFIG_X86_VERBOSE_BOOTUP, so the decompressor prints only
     // warnings; `nokaslr` makes it warn right before it decompresses (arch/x86/boot/
@@ -603,9 +478,7 @@ dmesg | grep -e 'virtio-mmio LNRO0005' -e 'ttyS0 at I/O' | sed 's/^\[[ 0-9.]*\] 
 #[test]
 fn acpi_tables_from_guest_memory_bind_linux_drivers_under_qemu() {
     let test = "acpi_tables_from_guest_memory_bind_linux_drivers_under_qemu";
-    let Some(kernel) = debian_kernel(test) else {
-        return;
-    };
+    let kernel = debian_kernel(test);
     let tools = [prereq::QEMU_SYSTEM, prereq::BUSYBOX_STATIC, prereq::CPIO];
     if prereq::skip_unless_ready(test, &prereq::missing(&tools)) {
         return;
@@ -687,101 +560,5 @@ fn acpi_tables_from_guest_memory_bind_linux_drivers_under_qemu() {
             .iter()
             .any(|l| l.contains("ttyS0 at I/O 0x3f8 (irq = 4")),
         "COM1 through PNP\n{log}"
-    );
-}
-
-/// Whether this host's KVM runs guest kernels natively, and why not. The rule: a host
-/// that is itself a virtual machine (the CPUID hypervisor bit, `hypervisor` in
-/// /proc/cpuinfo's flags) offers only nested KVM, which on these build machines emulates
-/// every CPL0 instruction (DESIGN.md) and cannot boot Linux to init in a test's time.
-/// `/sys/module/kvm_intel/parameters/nested` would not tell: it says whether this host
-/// offers nesting, not whether it is nested. `PLEXVM_HW_KVM=1` overrides the rule (e.g.
-/// on a cloud VM whose nested VMX is fast).
-fn hardware_kvm() -> Result<(), String> {
-    if !Path::new("/dev/kvm").exists() {
-        return Err("/dev/kvm does not exist".into());
-    }
-    if std::env::var("PLEXVM_HW_KVM").as_deref() == Ok("1") {
-        return Ok(());
-    }
-    let cpuinfo = fs::read_to_string("/proc/cpuinfo").map_err(|e| format!("/proc/cpuinfo: {e}"))?;
-    let nested = cpuinfo
-        .lines()
-        .filter(|l| l.starts_with("flags"))
-        .any(|l| l.split_whitespace().any(|f| f == "hypervisor"));
-    if nested {
-        return Err("this host is itself a virtual machine (CPUID hypervisor bit in /proc/cpuinfo), \
-             so its KVM is nested and boots Linux only very slowly; set PLEXVM_HW_KVM=1 to run anyway"
-            .into());
-    }
-    Ok(())
-}
-
-const RESULT: &str = "LINUX-BOOT-RESULT ";
-
-/// The guest half of the full boot: find the virtio-blk disk that ACPI announced, mount
-/// it, print the checksum of its file and the CPU count, and reset through the i8042
-/// (`reboot=k`, which the core turns into a clean exit with code 0).
-const GUEST_SCRIPT: &str = r#"#!/bin/sh
-i=0; while [ ! -b /dev/vda ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i + 1)); done
-if ! [ -b /dev/vda ]; then
-  echo "LINUX-BOOT-RESULT status=no-disk"; ls /sys/bus/platform/devices; reboot -f
-fi
-mount -t ext2 -o ro /dev/vda /mnt || { echo "LINUX-BOOT-RESULT status=no-mount"; reboot -f; }
-SUM=$(sha256sum /mnt/data.bin | cut -d' ' -f1)
-echo "LINUX-BOOT-RESULT status=ok cpus=$(nproc) sum=$SUM"
-umount /mnt
-reboot -f
-"#;
-
-#[test]
-fn full_boot_to_init_reads_a_plexvm_blk_disk_on_hardware_kvm() {
-    let test = "full_boot_to_init_reads_a_plexvm_blk_disk_on_hardware_kvm";
-    if let Err(why) = hardware_kvm() {
-        eprintln!("SKIP {test}: {why}");
-        return;
-    }
-    let Some(kernel) = debian_kernel(test) else {
-        return;
-    };
-    let tools = [prereq::BUSYBOX_STATIC, prereq::CPIO, prereq::E2FSPROGS[2]];
-    if prereq::skip_unless_ready(test, &prereq::missing(&tools)) {
-        return;
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let tree = d.join("tree");
-    fs::create_dir(&tree).unwrap();
-    fs::write(tree.join("data.bin"), ext_image::pattern_bytes(42, 3 << 20)).unwrap();
-    let want = sha256_file(&tree.join("data.bin")).unwrap();
-    ext_image::mkfs_ext2_from(&d.join("disk.img"), &tree, 16 << 10).unwrap();
-    // Debian builds virtio_mmio as a module without CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES:
-    // the driver finds the disk only through the DSDT's LNRO0005 device.
-    let mut modules = vec!["virtio_mmio", "virtio_blk"];
-    modules.extend_from_slice(EXT4_MODULES);
-    let initrd = InitramfsSpec::new(kernel.clone(), &modules, GUEST_SCRIPT)
-        .build(d)
-        .unwrap();
-    let disk = "[[device]]\nid = \"disk0\"\nkind = \"blk\"\nexec = [\"plexvm-blk\", \"--image\", \"disk.img\"]\n";
-    let extra = format!("initrd = \"{}\"\n{disk}", initrd.display());
-    let spec = linux_spec(&kernel.image, 2, "panic=-1", &extra);
-    let mut vm = LinuxVm::start(d, &spec);
-    // Seconds, not minutes, on hardware KVM; the limit only stops a hung guest.
-    let limit = std::env::var("PLEXVM_LINUX_BOOT_TIMEOUT_S")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(300);
-    let status = vm.guard.wait_timeout(Duration::from_secs(limit));
-    let log = vm.log();
-    let status = status.unwrap_or_else(|e| panic!("{e}\n{log}"));
-    let line = log
-        .lines()
-        .find_map(|l| l.split_once(RESULT).map(|(_, r)| r.to_string()))
-        .unwrap_or_else(|| panic!("no result line\n{log}"));
-    assert_eq!(line.trim(), format!("status=ok cpus=2 sum={want}"), "{log}");
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "reboot=k must end the VM with 0\n{log}"
     );
 }
