@@ -24,16 +24,11 @@ fn net_quick_run_goes_through_both_switches() {
         .arg("--version")
         .output()
         .is_ok();
-    let mut backends = vec!["plexvm-net"];
-    if testpmd_found {
-        backends.push("testpmd");
-    } else {
-        assert!(
-            std::env::var_os("PLEXVM_NO_SKIP").is_none(),
-            "dpdk-testpmd is not installed (tests/run.sh installs dpdk-dev)"
-        );
-        eprintln!("dpdk-testpmd not installed: measuring plexvm-net only");
-    }
+    assert!(
+        testpmd_found,
+        "dpdk-testpmd is not installed (tests/run.sh installs dpdk-dev)"
+    );
+    let backends = vec!["plexvm-net", "testpmd"];
     let out = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(&bin);
     cmd.args([

@@ -387,8 +387,8 @@ fn stale_socket_is_replaced_live_one_and_other_files_are_refused() {
     assert_eq!(std::fs::read(&path).unwrap(), b"precious");
 }
 
-/// Runs curl against the socket; `None` (with a printed reason) when curl is absent.
-fn curl(path: &Path, args: &[&str]) -> Option<(String, String)> {
+/// Runs curl against the socket: (HTTP status, body). Fails the test without curl.
+fn curl(path: &Path, args: &[&str]) -> (String, String) {
     let output = match Command::new("curl")
         .args(["-sS", "--max-time", "20", "--unix-socket"])
         .arg(path)
@@ -397,24 +397,18 @@ fn curl(path: &Path, args: &[&str]) -> Option<(String, String)> {
         .output()
     {
         Ok(output) => output,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!("skipping curl test: curl is not installed");
-            return None;
-        }
-        Err(e) => panic!("cannot run curl: {e}"),
+        Err(e) => panic!("cannot run curl (tests/run.sh installs it): {e}"),
     };
     assert!(output.status.success(), "curl failed: {output:?}");
     let stdout = String::from_utf8(output.stdout).unwrap();
     let (body, code) = stdout.rsplit_once('\n').unwrap();
-    Some((code.to_owned(), body.to_owned()))
+    (code.to_owned(), body.to_owned())
 }
 
 #[test]
 fn curl_can_drive_the_api() {
     let fixture = Fixture::start(FakeVm::new());
-    let Some((code, body)) = curl(&fixture.path, &["http://localhost/vm"]) else {
-        return;
-    };
+    let (code, body) = curl(&fixture.path, &["http://localhost/vm"]);
     assert_eq!(code, "200");
     let info: VmInfo = serde_json::from_str(&body).unwrap();
     assert_eq!(info.state, VmState::Running);
@@ -425,18 +419,18 @@ fn curl_can_drive_the_api() {
         .copied()
         .chain([r#"{"state":"paused"}"#, "http://localhost/vm/state"])
         .collect();
-    let (code, body) = curl(&fixture.path, &args).unwrap();
+    let (code, body) = curl(&fixture.path, &args);
     assert_eq!(code, "200");
     assert_eq!(
         serde_json::from_str::<VmInfo>(&body).unwrap().state,
         VmState::Paused
     );
 
-    let (code, body) = curl(&fixture.path, &args).unwrap();
+    let (code, body) = curl(&fixture.path, &args);
     assert_eq!(code, "409");
     assert!(serde_json::from_str::<ApiError>(&body).is_ok(), "{body}");
 
-    let (code, _) = curl(&fixture.path, &["http://localhost/nowhere"]).unwrap();
+    let (code, _) = curl(&fixture.path, &["http://localhost/nowhere"]);
     assert_eq!(code, "404");
 
     // A body large enough that curl asks `Expect: 100-continue` first.
@@ -446,7 +440,7 @@ fn curl_can_drive_the_api() {
         .copied()
         .chain([big.as_str(), "http://localhost/vm/state"])
         .collect();
-    let (code, body) = curl(&fixture.path, &args).unwrap();
+    let (code, body) = curl(&fixture.path, &args);
     assert_eq!(code, "400", "{body}");
     assert!(body.contains("unknown field"), "{body}");
 }
