@@ -111,10 +111,13 @@ wait_vm_field() {
   done
 }
 
-# wait_socket PATH SECONDS: waits until a Unix socket is listening at PATH.
+# wait_socket PATH SECONDS [NETNS]: waits until a Unix socket is listening at PATH.
+# /proc/net/unix lists the sockets of one network namespace: name the one the server
+# runs in (NETNS) if it is not the lab's own.
 wait_socket() {
-  local end=$((SECONDS + $2))
-  until grep -qF " $1" /proc/net/unix 2>/dev/null; do
+  local end=$((SECONDS + $2)) ns=()
+  [ -n "${3:-}" ] && ns=(ip netns exec "$3")
+  until "${ns[@]}" grep -qF " $1" /proc/net/unix 2>/dev/null; do
     ((SECONDS <= end)) || lab_fail "nobody listens on $1 after $2 s"
     sleep 0.1
   done

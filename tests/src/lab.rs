@@ -27,7 +27,7 @@
 //!   reaped by its [`ChildGuard`]), and every wait inside a scenario by its own limit.
 
 use std::fs;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -252,12 +252,11 @@ impl ConsoleTail {
         }
         self.offset += buf.len() as u64;
         self.partial.extend_from_slice(&buf);
-        let mut err = std::io::stderr().lock();
         while let Some(pos) = self.partial.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = self.partial.drain(..=pos).collect();
             let text = String::from_utf8_lossy(&line);
-            let _ = write!(err, "lab| {}", text.trim_end_matches(['\r', '\n']));
-            let _ = writeln!(err);
+            // eprintln, not a raw stderr write: the harness captures it per test.
+            eprintln!("lab| {}", text.trim_end_matches(['\r', '\n']));
         }
     }
 }

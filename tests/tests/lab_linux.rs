@@ -330,8 +330,8 @@ start_switch() {
   ip netns exec uplink plexvm-net --socket "$LAB_SCRATCH/p0.sock" --socket "$LAB_SCRATCH/p1.sock" "$@" \
     >>"$LAB_WORK/switch.err" 2>&1 &
   echo $! > "$LAB_SCRATCH/switch.pid"
-  wait_socket "$LAB_SCRATCH/p0.sock" 60
-  wait_socket "$LAB_SCRATCH/p1.sock" 60
+  wait_socket "$LAB_SCRATCH/p0.sock" 60 uplink
+  wait_socket "$LAB_SCRATCH/p1.sock" 60 uplink
 }
 "#;
 
