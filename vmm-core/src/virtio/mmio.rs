@@ -140,7 +140,17 @@ impl VhostUserDevice {
             &self.kicks,
             &self.calls,
             self.inflight.as_ref(),
-        )
+        )?;
+        // Once the backend has enabled the rings (the barrier), one kick each: a
+        // notification it dropped while a ring was still disabled is not lost (see
+        // `VhostUserFrontend::barrier`); a spurious one is harmless (virtio 1.2, 2.7.13).
+        frontend.barrier()?;
+        for (i, _) in state.queues.iter().enumerate().filter(|(_, q)| q.started) {
+            if let Some(kick) = self.kicks.get(i) {
+                let _ = kick.write(1);
+            }
+        }
+        Ok(())
     }
 
     fn remember_config(&mut self, offset: u32, data: &[u8]) {
