@@ -28,7 +28,9 @@ pub enum CmdlineError<'a> {
         value: &'a str,
     },
     /// `probe.workload=` names no known workload.
-    #[error("unknown workload {0:?} (known: blk-verify, blk-abuse, blk-bench, net-echo)")]
+    #[error(
+        "unknown workload {0:?} (known: blk-verify, blk-abuse, blk-bench, net-echo, rng-read)"
+    )]
     UnknownWorkload(&'a str),
     /// `probe.workload=net-echo` without `probe.role=send|echo`.
     #[error("net-echo needs probe.role=send or probe.role=echo")]
@@ -49,6 +51,8 @@ pub enum Workload {
     BlkBench,
     /// Numbered Ethernet frames sent to a peer probe and echoed back.
     NetEcho,
+    /// Bytes from an entropy device, summarised.
+    RngRead,
 }
 
 impl Workload {
@@ -59,6 +63,7 @@ impl Workload {
             Workload::BlkAbuse => "blk-abuse",
             Workload::BlkBench => "blk-bench",
             Workload::NetEcho => "net-echo",
+            Workload::RngRead => "rng-read",
         }
     }
 
@@ -68,6 +73,7 @@ impl Workload {
             Workload::BlkAbuse,
             Workload::BlkBench,
             Workload::NetEcho,
+            Workload::RngRead,
         ]
         .into_iter()
         .find(|w| w.name() == name)
