@@ -47,24 +47,28 @@ fn entropy(len: usize) -> Vec<u8> {
 
 #[test]
 fn probe_reads_the_bytes_vhost_device_rng_serves() {
-    read_through_vhost_device_rng("probe_reads_the_bytes_vhost_device_rng_serves", "rng", "");
+    let test = "probe_reads_the_bytes_vhost_device_rng_serves";
+    read_through_vhost_device_rng(test, "rng", "", None);
 }
 
 /// The same device described as `kind = "generic"` (device ID 4, one queue): the
 /// escape hatch for types the core has no table entry for reaches the same driver and
-/// backend.
+/// backend, and the config bytes of the spec are what the guest reads from the
+/// device's config space (served by the core, as for the virtio-fs tag).
 #[test]
 fn generic_kind_with_device_id_4_is_the_same_rng_device() {
     read_through_vhost_device_rng(
         "generic_kind_with_device_id_4_is_the_same_rng_device",
         "generic",
-        "device_id = 4\nqueues = 1\n",
+        "device_id = 4\nqueues = 1\nconfig = [0x78, 0x56, 0x34, 0x12, 1, 2, 3, 4]\n",
+        Some("7856341201020304"),
     );
 }
 
 /// Runs the probe's rng-read against a vhost-device-rng serving a known file, with a
-/// `[[device]]` of `kind` plus `fields`, and checks every byte the probe reports.
-fn read_through_vhost_device_rng(test: &str, kind: &str, fields: &str) {
+/// `[[device]]` of `kind` plus `fields`, and checks every byte the probe reports;
+/// with `config`, also that the first config-space bytes read as that hex.
+fn read_through_vhost_device_rng(test: &str, kind: &str, fields: &str, config: Option<&str>) {
     let Some(program) = installed(test, "vhost-device-rng") else {
         return;
     };
@@ -94,7 +98,10 @@ fn read_through_vhost_device_rng(test: &str, kind: &str, fields: &str) {
     );
     let spec = ProbeVmSpec {
         name: "rng".into(),
-        cmdline: "probe.workload=rng-read".into(),
+        cmdline: match config {
+            Some(hex) => format!("probe.workload=rng-read probe.config={}", hex.len() / 2),
+            None => "probe.workload=rng-read".into(),
+        },
         memory_mib: 64,
         device_id: "rng0".into(),
         device_kind: kind.into(),
@@ -126,4 +133,5 @@ fn read_through_vhost_device_rng(test: &str, kind: &str, fields: &str) {
     assert_eq!(outcome.num("repeats"), 0, "{log}");
     let zeros = served.iter().filter(|&&b| b == 0).count() as u64;
     assert_eq!(outcome.num("zeros"), zeros, "{log}");
+    assert_eq!(outcome.get("config"), Some(config.unwrap_or("")), "{log}");
 }

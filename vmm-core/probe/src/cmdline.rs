@@ -40,6 +40,9 @@ pub enum CmdlineError<'a> {
     TooManyDevices,
 }
 
+/// Most config-space bytes `probe.config=` may ask to report.
+pub const MAX_CONFIG_BYTES: u8 = 64;
+
 /// What the probe runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Workload {
@@ -236,6 +239,9 @@ pub struct Config {
     pub bench: BenchParams,
     /// net-echo parameters.
     pub net: NetParams,
+    /// `probe.config=N`: rng-read also reports the first N bytes of the device's config
+    /// space (a multiple of 4, at most [`MAX_CONFIG_BYTES`]; default 0).
+    pub config_bytes: u8,
     devices: [Option<MmioDevice>; MAX_DEVICES],
     device_count: usize,
 }
@@ -248,6 +254,7 @@ impl Default for Config {
             seconds: 0,
             bench: BenchParams::default(),
             net: NetParams::default(),
+            config_bytes: 0,
             devices: [None; MAX_DEVICES],
             device_count: 0,
         }
@@ -352,6 +359,12 @@ fn apply_probe_key<'a>(
                 .filter(|n| (1..=60_000).contains(n))
                 .ok_or_else(bad)?
         }
+        "config" => {
+            config.config_bytes = parse_number(value)
+                .and_then(|n| u8::try_from(n).ok())
+                .filter(|n| n % 4 == 0 && *n <= MAX_CONFIG_BYTES)
+                .ok_or_else(bad)?
+        }
         _ => return Err(CmdlineError::UnknownKey(key)),
     }
     Ok(())
@@ -396,6 +409,19 @@ pub fn parse_number(text: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn config_bytes_are_words_up_to_64() {
+        assert_eq!(parse("probe.config=8").unwrap().config_bytes, 8);
+        assert_eq!(parse("").unwrap().config_bytes, 0);
+        for bad in ["probe.config=6", "probe.config=68", "probe.config=x"] {
+            assert!(
+                matches!(parse(bad), Err(CmdlineError::BadValue { .. })),
+                "{bad}"
+            );
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -89,6 +89,12 @@ impl RngDevice {
         })
     }
 
+    /// The little-endian u32 at `offset` of the config space (virtio-rng has none:
+    /// only for devices described as `kind = "generic"` with config bytes).
+    pub fn config_u32(&self, offset: usize) -> u32 {
+        self.transport.config_u32(offset)
+    }
+
     /// Requests so far.
     pub fn requests(&self) -> u64 {
         self.requests

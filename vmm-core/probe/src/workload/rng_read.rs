@@ -88,6 +88,7 @@ pub fn run(env: &mut Env) -> ExitCode {
             return ExitCode::DeviceError;
         }
     };
+    let config = read_config(&rng, env.config.config_bytes);
     let mut got = 0;
     while got < RNG_BYTES && rng.requests() < MAX_REQUESTS {
         match rng.read(&mut bytes[got..]) {
@@ -101,31 +102,71 @@ pub fn run(env: &mut Env) -> ExitCode {
             }
         }
     }
-    report(&bytes[..got], rng.requests())
+    report(&bytes[..got], rng.requests(), &config)
+}
+
+/// The first `len` config-space bytes in hex (`probe.config=`).
+fn read_config(rng: &RngDevice, len: u8) -> Hex<128> {
+    let mut hex = Hex::default();
+    for offset in (0..usize::from(len)).step_by(4) {
+        hex.push(&rng.config_u32(offset).to_le_bytes());
+    }
+    hex
+}
+
+/// Bytes as lowercase hex, in a fixed buffer of `N` characters.
+#[derive(Debug)]
+struct Hex<const N: usize> {
+    text: [u8; N],
+    len: usize,
+}
+
+impl<const N: usize> Default for Hex<N> {
+    fn default() -> Self {
+        Hex {
+            text: [0; N],
+            len: 0,
+        }
+    }
+}
+
+impl<const N: usize> Hex<N> {
+    fn push(&mut self, bytes: &[u8]) {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        for b in bytes {
+            if self.len + 2 > N {
+                return;
+            }
+            self.text[self.len] = DIGITS[usize::from(b >> 4)];
+            self.text[self.len + 1] = DIGITS[usize::from(b & 0xf)];
+            self.len += 2;
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        core::str::from_utf8(&self.text[..self.len]).unwrap_or("")
+    }
 }
 
 /// Prints the result line; ok when all bytes came and look random.
-fn report(bytes: &[u8], requests: u64) -> ExitCode {
+fn report(bytes: &[u8], requests: u64, config: &Hex<128>) -> ExitCode {
     let s = summarise(bytes);
     let complete = bytes.len() == RNG_BYTES;
     // 16 KiB of uniform bytes miss one of the 256 values with probability ~1e-25.
     let ok = complete && s.distinct == 256 && !s.repeats;
-    let mut head = [0u8; 64];
-    for (i, b) in bytes.iter().take(32).enumerate() {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        head[2 * i] = HEX[usize::from(b >> 4)];
-        head[2 * i + 1] = HEX[usize::from(b & 0xf)];
-    }
-    let head = core::str::from_utf8(&head[..2 * bytes.len().min(32)]).unwrap_or("");
+    let mut head = Hex::<64>::default();
+    head.push(&bytes[..bytes.len().min(32)]);
     serial_println!(
         "probe: result workload=rng-read status={} bytes={} requests={requests} \
-         fnv64={:#018x} distinct={} zeros={} repeats={} head={head}",
+         fnv64={:#018x} distinct={} zeros={} repeats={} head={} config={}",
         if ok { "ok" } else { "fail" },
         bytes.len(),
         s.fnv64,
         s.distinct,
         s.zeros,
         u8::from(s.repeats),
+        head.as_str(),
+        config.as_str(),
     );
     if ok {
         ExitCode::Ok
