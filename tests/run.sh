@@ -25,6 +25,8 @@ PACKAGES=(
   kmod                 # modinfo/depmod for building initramfs module sets
   iproute2             # network namespaces and tap devices
   dpdk-dev             # dpdk-testpmd: the reference vhost-user-net switch (perf's net smoke test)
+  libcap-ng-dev        # building the crates.io virtiofsd (tests/deps/vhost-devices.sh)
+  libseccomp-dev       # building the crates.io virtiofsd (tests/deps/vhost-devices.sh)
   coreutils
 )
 missing=()
@@ -53,7 +55,7 @@ if ((${#missing[@]})); then
   apt-get install -y -qq --no-install-recommends --allow-downgrades "${pinned[@]}" >/dev/null
 fi
 # Further per-component dependencies (each script is idempotent).
-for deps in container-shim/tests/deps.sh; do
+for deps in container-shim/tests/deps.sh tests/deps/vhost-devices.sh; do
   if [[ -x "$deps" ]]; then
     log "dependencies: $deps"
     "$deps"

@@ -3,6 +3,7 @@
 //! that files named in a spec exist.
 
 pub mod api;
+pub mod device;
 pub mod paths;
 pub mod probe;
 pub mod spec;

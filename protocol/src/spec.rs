@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::device::{DeviceFields, DeviceKind, DeviceParams};
+
 /// Highest vCPU count a spec may ask for.
 pub const MAX_VCPUS: u8 = 32;
 /// The `kernel` value that selects the probe guest embedded in `plexvm`.
@@ -110,56 +112,6 @@ impl<'de> Deserialize<'de> for SerialSink {
     }
 }
 
-/// The virtio device kinds a `[[device]]` may name (virtio 1.2 spec, section 5).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceKind {
-    /// virtio-net, device ID 1.
-    Net,
-    /// virtio-blk, device ID 2.
-    Blk,
-    /// virtio-console, device ID 3.
-    Console,
-    /// virtio-rng, device ID 4.
-    Rng,
-    /// virtio-vsock, device ID 19.
-    Vsock,
-    /// virtio-fs, device ID 26.
-    Fs,
-}
-
-impl DeviceKind {
-    /// The virtio device ID (virtio 1.2 spec, section 5).
-    pub fn virtio_id(self) -> u32 {
-        match self {
-            DeviceKind::Net => 1,
-            DeviceKind::Blk => 2,
-            DeviceKind::Console => 3,
-            DeviceKind::Rng => 4,
-            DeviceKind::Vsock => 19,
-            DeviceKind::Fs => 26,
-        }
-    }
-
-    /// The name used in specs and the API.
-    pub fn name(self) -> &'static str {
-        match self {
-            DeviceKind::Net => "net",
-            DeviceKind::Blk => "blk",
-            DeviceKind::Console => "console",
-            DeviceKind::Rng => "rng",
-            DeviceKind::Vsock => "vsock",
-            DeviceKind::Fs => "fs",
-        }
-    }
-}
-
-impl fmt::Display for DeviceKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
 /// One `[[device]]` table: a virtio device whose backend is a vhost-user process.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -183,6 +135,25 @@ pub struct DeviceSpec {
     /// be reached before it serves). Unset: never give up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart_max: Option<u32>,
+    /// Per-kind fields: `tag` and `request_queues` (fs), `guest_cid` (vsock),
+    /// `device_id`, `queues` and `config` (generic); see [`crate::device`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// fs: request queues besides the high-priority one (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_queues: Option<u16>,
+    /// vsock: the guest's context ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_cid: Option<u64>,
+    /// generic: the virtio device ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_id: Option<u32>,
+    /// generic: the queues the backend serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queues: Option<u16>,
+    /// generic: config space bytes the core serves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<Vec<u8>>,
 }
 
 /// The `restart` value of a `[[device]]`.
@@ -235,6 +206,8 @@ pub struct DeviceConfig {
     pub backend: BackendSource,
     /// What happens when the backend goes away while the VM runs.
     pub restart: RestartConfig,
+    /// What the frontend provides for this kind (fs tag, vsock CID, generic ID/queues).
+    pub params: DeviceParams,
 }
 
 /// A checked spec with paths resolved: what the core runs.
@@ -567,11 +540,21 @@ fn resolve_devices(
             }
         };
         let restart = resolve_restart(d.restart, d.restart_max, &field)?;
+        let fields = DeviceFields {
+            tag: d.tag,
+            request_queues: d.request_queues,
+            guest_cid: d.guest_cid,
+            device_id: d.device_id,
+            queues: d.queues,
+            config: d.config,
+        };
+        let params = crate::device::resolve_params(d.kind, fields, &field)?;
         out.push(DeviceConfig {
             id: d.id,
             kind: d.kind,
             backend,
             restart,
+            params,
         });
     }
     Ok(out)

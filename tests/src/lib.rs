@@ -19,6 +19,7 @@ pub mod net_guest;
 pub mod prereq;
 pub mod probe_vm;
 pub mod qemu;
+pub mod third_party;
 pub mod vhost_backends;
 
 /// The folder holding the workspace's binaries for the profile the tests were built with

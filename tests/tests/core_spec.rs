@@ -114,6 +114,71 @@ fn every_bad_spec_gets_one_line_and_exit_code_2() {
 }
 
 #[test]
+fn bad_per_kind_device_fields_get_one_line_and_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let dev = |kind: &str, rest: &str| {
+        format!("{VM}[[device]]\nid = \"d0\"\nkind = \"{kind}\"\nsocket = \"s.sock\"\n{rest}")
+    };
+    let cases = [
+        ("fs-no-tag", dev("fs", ""), "device[0].tag: is required"),
+        (
+            "fs-long-tag",
+            dev("fs", &format!("tag = \"{}\"\n", "t".repeat(37))),
+            "device[0].tag: must be 1 to 36 bytes",
+        ),
+        (
+            "fs-queues-0",
+            dev("fs", "tag = \"share\"\nrequest_queues = 0\n"),
+            "device[0].request_queues",
+        ),
+        (
+            "vsock-no-cid",
+            dev("vsock", ""),
+            "device[0].guest_cid: is required",
+        ),
+        (
+            "vsock-cid-2",
+            dev("vsock", "guest_cid = 2\n"),
+            "device[0].guest_cid: must be between 3",
+        ),
+        (
+            "tag-on-blk",
+            dev("blk", "tag = \"x\"\n"),
+            "device[0].tag: only applies to kind = \"fs\"",
+        ),
+        (
+            "generic-no-id",
+            dev("generic", "queues = 1\n"),
+            "device[0].device_id: is required",
+        ),
+        (
+            "generic-no-queues",
+            dev("generic", "device_id = 41\n"),
+            "device[0].queues: is required",
+        ),
+        (
+            "generic-65-queues",
+            dev("generic", "device_id = 41\nqueues = 65\n"),
+            "device[0].queues: must be between 1 and 64",
+        ),
+        (
+            "generic-config-not-bytes",
+            dev("generic", "device_id = 41\nqueues = 1\nconfig = [1, 300]\n"),
+            "generic-config-not-bytes.toml:",
+        ),
+        (
+            "queues-on-rng",
+            dev("rng", "queues = 2\n"),
+            "device[0].queues: only applies to kind = \"generic\"",
+        ),
+    ];
+    for (name, spec, needle) in cases {
+        expect_rejected(d, name, &spec, needle);
+    }
+}
+
+#[test]
 fn corrupt_kernel_file_is_named_with_exit_code_2() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("vmlinux"), b"\x7fELF not really").unwrap();

@@ -98,8 +98,8 @@ impl VirtioDevices {
             let base = MMIO_BASE + MMIO_WINDOW_SIZE * i as u64;
             let gsi = FIRST_GSI + i as u32;
             let (backend, stream) = backend::start(dev, runtime_dir, &config.base_dir, early)?;
-            let frontend =
-                VhostUserFrontend::connect(&dev.id, stream, virtio::default_queue_count(dev.kind))?;
+            let queues = virtio::DeviceType::of(dev).backend_queues;
+            let frontend = VhostUserFrontend::connect(&dev.id, stream, queues)?;
             let transport = VirtioMmioTransport::new(
                 dev,
                 base,

@@ -274,10 +274,10 @@ fn all_backend_states() -> Vec<BackendState> {
 
 fn all_device_kinds() -> Vec<DeviceKind> {
     use DeviceKind::*;
-    let all = vec![Net, Blk, Console, Rng, Vsock, Fs];
+    let all = vec![Net, Blk, Console, Rng, Vsock, Fs, Generic];
     for k in &all {
         match k {
-            Net | Blk | Console | Rng | Vsock | Fs => {}
+            Net | Blk | Console | Rng | Vsock | Fs | Generic => {}
         }
     }
     all

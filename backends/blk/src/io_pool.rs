@@ -17,6 +17,7 @@
 //! not running ([`BlockedTime`]: wall-clock minus thread CPU time), and something can
 //! overlap with it (see `VhostUserBlk::offload`).
 
+use plexvm_backend_support::guest_warn;
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -160,9 +161,7 @@ impl IoPool {
             return Ok(());
         };
         let count = self.spawn_errors.fetch_add(1, Ordering::Relaxed) + 1;
-        if count.is_power_of_two() {
-            tracing::warn!(count, "cannot start an I/O thread: {e}");
-        }
+        guest_warn!(count = count; "cannot start an I/O thread: {e}");
         let mut state = self.shared.lock();
         state.live -= 1;
         match state.live {

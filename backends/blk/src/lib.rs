@@ -14,8 +14,8 @@
 //! - [`poll`]: the adaptive busy-poll window of the queue workers (`--poll-us`);
 //! - [`inflight`]: the in-flight region (INFLIGHT_SHMFD) that lets a restarted backend
 //!   resubmit the requests its predecessor died with; [`chain`] reads their chains;
-//! - [`proxy`]: answers GET/SET_INFLIGHT_FD in front of vhost-user-backend;
-//! - [`server`]: the listener, per-connection daemons and shutdown.
+//! - [`server`]: the device on the kit's serving loop (`plexvm-backend-support`), whose
+//!   interposer answers GET/SET_INFLIGHT_FD in front of vhost-user-backend.
 
 pub mod chain;
 pub mod config;
@@ -23,7 +23,6 @@ pub mod disk;
 pub mod inflight;
 pub mod io_pool;
 pub mod poll;
-pub mod proxy;
 pub mod request;
 pub mod server;
 pub mod vhu_blk;

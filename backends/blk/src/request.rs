@@ -8,6 +8,7 @@
 //! it is touched, so a malformed chain completes with an error status and never makes the
 //! backend read or write outside the request's own buffers.
 
+use plexvm_backend_support::guest_warn;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -145,9 +146,7 @@ impl RequestStats {
 
     fn record_error(&self, error: &RequestError) {
         let count = self.failed[error.kind()].fetch_add(1, Ordering::Relaxed) + 1;
-        if count.is_power_of_two() {
-            tracing::warn!(count, "guest request failed: {error}");
-        }
+        guest_warn!(count = count; "guest request failed: {error}");
     }
 }
 

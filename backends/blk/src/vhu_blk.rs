@@ -6,7 +6,7 @@
 //! holds one bit per thread).
 //!
 //! In-flight tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) is offered: the two
-//! messages are answered by [`crate::proxy`] through this type's
+//! messages are answered by the kit's interposer hook through this type's
 //! [`InflightHandler`] implementation, each popped head is marked in the region before
 //! `BlockDevice::process` and cleared after `add_used`, and the first time a queue runs
 //! after SET_INFLIGHT_FD the heads a dead predecessor left in flight are resubmitted in
@@ -20,7 +20,9 @@
 //! ([`crate::io_pool`], `--io-threads`); they complete out of order, each marked in
 //! flight until it is in the used ring, and GET_VRING_BASE waits for them too.
 
-use plexvm_backend_support::WorkerExitEvents;
+use plexvm_backend_support::interposer::{InflightGeometry, InflightHandler};
+use plexvm_backend_support::server::DaemonBackend;
+use plexvm_backend_support::{guest_warn, host_warn, WorkerExitEvents};
 use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -45,7 +47,6 @@ use crate::disk::SECTOR_SIZE;
 use crate::inflight::InflightRegion;
 use crate::io_pool::{BlockedTime, InPool, IoPool, Stopwatch, WORTH_A_THREAD};
 use crate::poll::{self, AvailRing, PollOutcome, QueuePoll};
-use crate::proxy::{InflightGeometry, InflightHandler};
 use crate::request::{BlockDevice, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS};
 
 /// Guest memory as the vring workers see it.
@@ -156,9 +157,7 @@ impl UsedRing {
         if let Err(e) = self.vring.add_used(head, len) {
             // A used ring outside guest memory: the guest's fault, so rate-limited.
             let count = self.errors.fetch_add(1, Ordering::Relaxed) + 1;
-            if count.is_power_of_two() {
-                tracing::warn!(count, "cannot put used element {head}: {e}");
-            }
+            guest_warn!(count = count; "cannot put used element {head}: {e}");
             return false;
         }
         if let Some(r) = &self.region {
@@ -173,11 +172,11 @@ impl UsedRing {
         match self.vring.needs_notification() {
             Ok(true) => {
                 if let Err(e) = self.vring.signal_used_queue() {
-                    tracing::warn!("cannot signal used queue: {e}");
+                    guest_warn!("cannot signal used queue: {e}");
                 }
             }
             Ok(false) => {}
-            Err(e) => tracing::warn!("cannot read used_event: {e}"),
+            Err(e) => guest_warn!("cannot read used_event: {e}"),
         }
     }
 }
@@ -255,24 +254,6 @@ impl VhostUserBlk {
                 .collect(),
             pool,
         })
-    }
-
-    /// The guest memory object to hand to `VhostUserDaemon::new` (the vrings and this
-    /// backend must share it).
-    pub fn memory(&self) -> GuestMemory {
-        self.mem.clone()
-    }
-
-    /// Closes the exit eventfds vhost-user-backend took with `into_raw_fd` and never
-    /// closes (one per worker per connection would otherwise leak).
-    ///
-    /// # Safety
-    ///
-    /// Call only after the `VhostUserDaemon` built on this backend has been dropped:
-    /// dropping it joins the worker threads, the only users of these descriptors.
-    pub unsafe fn close_exit_fds(&self) {
-        // SAFETY: the caller guarantees the daemon, and so every worker, is gone.
-        unsafe { self.exit_events.close_taken() }
     }
 
     fn region(&self) -> Option<Arc<InflightRegion>> {
@@ -464,7 +445,7 @@ impl VhostUserBlk {
         let mut empty_passes = 0;
         loop {
             if let Err(e) = vring.disable_notification() {
-                tracing::warn!("cannot disable queue notifications: {e}");
+                guest_warn!("cannot disable queue notifications: {e}");
             }
             let drained = self.process_queue(queue, vring);
             empty_passes = if drained.served == 0 {
@@ -500,7 +481,7 @@ impl VhostUserBlk {
         match vring.enable_notification() {
             Ok(more) => more,
             Err(e) => {
-                tracing::warn!("cannot enable queue notifications: {e}");
+                guest_warn!("cannot enable queue notifications: {e}");
                 false
             }
         }
@@ -632,11 +613,11 @@ impl VhostUserBackend for VhostUserBlk {
         // An error here would end the worker thread for good, so nothing the guest can
         // cause is returned as one.
         if evset != EventSet::IN {
-            tracing::warn!("unexpected event set {evset:?} on queue event {device_event}");
+            guest_warn!("unexpected event set {evset:?} on queue event {device_event}");
             return Ok(());
         }
         let Some(vring) = vrings.get(usize::from(device_event)) else {
-            tracing::warn!("event for unknown queue {device_event}");
+            guest_warn!("event for unknown queue {device_event}");
             return Ok(());
         };
         // One worker per queue (`queues_per_thread`): the thread index is the queue's.
@@ -652,6 +633,17 @@ impl VhostUserBackend for VhostUserBlk {
         }
         state.sleeping(Instant::now(), outcome);
         Ok(())
+    }
+}
+
+impl DaemonBackend for VhostUserBlk {
+    /// The vrings and this backend share it.
+    fn memory(&self) -> GuestMemory {
+        self.mem.clone()
+    }
+
+    fn exit_events(&self) -> &WorkerExitEvents {
+        &self.exit_events
     }
 }
 
@@ -682,7 +674,7 @@ impl VhostUserBlk {
     /// it pops the next one.
     fn install(&self, region: InflightRegion) {
         if region.queues() < self.layout.queues {
-            tracing::warn!(
+            host_warn!(
                 "the in-flight region covers {} of {} queues",
                 region.queues(),
                 self.layout.queues

@@ -2,9 +2,10 @@
 //! reconnecting without leaking descriptors, and SIGTERM handling.
 
 use std::fs::File;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Command, Output};
+
+use plexvm_backend_support::guard::ChildGuard;
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -12,56 +13,9 @@ use vhost::VhostBackend;
 
 const BIN: &str = env!("CARGO_BIN_EXE_plexvm-blk");
 
-/// A running backend process; killed and reaped on drop if still running.
-struct BackendProcess {
-    child: Child,
-}
-
-impl BackendProcess {
-    fn spawn(args: &[&str]) -> BackendProcess {
-        let child = Command::new(BIN)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        BackendProcess { child }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Sends SIGTERM and waits for the process to exit.
-    fn terminate(mut self) -> ExitStatus {
-        // SAFETY: kill(2) with a pid we own (the child is not reaped yet).
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        assert_eq!(rc, 0);
-        self.child.wait().unwrap()
-    }
-
-    /// Connects once the socket accepts connections (the process may still be starting).
-    fn connect(&mut self, socket: &Path) -> Frontend {
-        for _ in 0..2000 {
-            if let Ok(stream) = UnixStream::connect(socket) {
-                return Frontend::from_stream(stream, 1);
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("backend exited early: {status}");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        panic!("backend never listened on {}", socket.display());
-    }
-}
-
-impl Drop for BackendProcess {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// Connects once the socket accepts connections (the process may still be starting).
+fn connect(backend: &mut ChildGuard, socket: &Path) -> Frontend {
+    Frontend::from_stream(backend.connect(socket), 1)
 }
 
 fn run_to_completion(args: &[&str]) -> Output {
@@ -123,17 +77,21 @@ fn bad_flags_are_rejected() {
 #[test]
 fn serves_reconnects_without_leaking_and_exits_on_sigterm() {
     let (_dir, image, socket) = setup();
-    let mut backend = BackendProcess::spawn(&[
-        "--socket",
-        socket.to_str().unwrap(),
-        "--image",
-        image.to_str().unwrap(),
-        "--queues",
-        "2",
-    ]);
+    let mut backend = ChildGuard::spawn_piped(
+        BIN,
+        &[
+            "--socket",
+            socket.to_str().unwrap(),
+            "--image",
+            image.to_str().unwrap(),
+            "--queues",
+            "2",
+        ],
+    )
+    .unwrap();
     let mut fds_after_first = 0;
     for round in 0..5 {
-        let mut frontend = backend.connect(&socket);
+        let mut frontend = connect(&mut backend, &socket);
         let features = frontend.get_features().unwrap();
         let proto = frontend.get_protocol_features().unwrap();
         frontend.set_features(features).unwrap();
@@ -147,7 +105,7 @@ fn serves_reconnects_without_leaking_and_exits_on_sigterm() {
         drop(frontend);
         // The backend serves one connection at a time, so an answer on the next one
         // means the previous connection is torn down and this one is fully set up.
-        let probe = backend.connect(&socket);
+        let probe = connect(&mut backend, &socket);
         assert_ne!(probe.get_features().unwrap(), 0);
         let fds = open_fds(backend.pid());
         drop(probe);

@@ -9,12 +9,13 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
+use plexvm_backend_support::guard::ServeThread;
+use plexvm_backend_support::server::ServeError;
 use plexvm_blk::disk::{Disk, DiskOptions};
 use plexvm_blk::request::BlockDevice;
-use plexvm_blk::server::{BlockServer, ServerError, Shutdown};
+use plexvm_blk::server::{BlockServer, ServerError};
 use plexvm_blk::vhu_blk::{QueueLayout, WorkerOptions};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures,
@@ -45,10 +46,9 @@ fn pattern(offset: usize) -> u8 {
     ((offset / 512) * 13 + offset % 241) as u8
 }
 
-/// The backend's serve loop in a thread; shut down and joined on drop.
+/// The backend's serve loop in a thread ([`ServeThread`]: shut down and joined on drop).
 struct ServerGuard {
-    shutdown: Shutdown,
-    thread: Option<JoinHandle<Result<(), ServerError>>>,
+    serving: ServeThread<ServerError>,
     socket: PathBuf,
     image: PathBuf,
     _dir: tempfile::TempDir,
@@ -94,12 +94,8 @@ impl ServerGuard {
         // Bound before the thread starts, so connecting cannot race the listener.
         let mut server = BlockServer::bind(&socket, device, layout).unwrap();
         server.set_worker_options(options);
-        let shutdown = Shutdown::new().unwrap();
-        let trigger = shutdown.clone();
-        let thread = std::thread::spawn(move || server.serve(&trigger));
         ServerGuard {
-            shutdown,
-            thread: Some(thread),
+            serving: ServeThread::spawn(move |shutdown| server.serve(shutdown)),
             socket,
             image,
             _dir: dir,
@@ -111,18 +107,8 @@ impl ServerGuard {
         Frontend::from_stream(stream, 64)
     }
 
-    fn stop(mut self) -> Result<(), ServerError> {
-        self.shutdown.trigger();
-        self.thread.take().unwrap().join().unwrap()
-    }
-}
-
-impl Drop for ServerGuard {
-    fn drop(&mut self) {
-        self.shutdown.trigger();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+    fn stop(self) -> Result<(), ServerError> {
+        self.serving.stop()
     }
 }
 
@@ -474,7 +460,10 @@ fn stale_socket_is_replaced_and_other_files_are_not() {
     let regular = dir.path().join("not-a-socket");
     File::create(&regular).unwrap();
     let err = BlockServer::bind(&regular, device(), layout).unwrap_err();
-    assert!(matches!(err, ServerError::NotASocket(_)), "{err}");
+    assert!(
+        matches!(err, ServerError::Serve(ServeError::NotASocket(_))),
+        "{err}"
+    );
     assert!(Path::new(&regular).exists());
 }
 

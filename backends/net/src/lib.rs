@@ -15,16 +15,16 @@
 //! - [`switch`]: forwarding between ports;
 //! - [`tap`]: tap devices;
 //! - [`stats`]: per-port counters and their printed forms;
-//! - [`relay`]: the control-channel relay that makes QEMU and the `vhost` crate agree;
 //! - [`vhu_net`]: the `VhostUserBackend` of one guest connection;
-//! - [`server`]: listeners, tap readers, signals and shutdown.
+//! - [`server`]: listeners, tap readers, signals and shutdown, on the kit's serving
+//!   loop (`plexvm-backend-support`), whose interposer makes QEMU and the `vhost`
+//!   crate agree.
 
 pub mod config;
 pub mod frame;
 pub mod mac_table;
 pub mod offload;
 pub mod port;
-pub mod relay;
 pub mod rx;
 pub mod server;
 pub mod stats;

@@ -13,6 +13,7 @@
 //! checksum or segments the frame in software once, and every such receiver gets the
 //! result. So every port may be offered every offload, whatever its peers negotiate.
 
+use plexvm_backend_support::guest_warn;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -144,9 +145,7 @@ impl Switch {
     pub fn malformed(&self, src: PortId, what: &dyn std::fmt::Display) {
         if let Some(port) = self.ports.get(src) {
             let count = port.counters.rx_malformed();
-            if count.is_power_of_two() {
-                tracing::warn!(port = %port.name, count, "dropped malformed frame: {what}");
-            }
+            guest_warn!(count = count; port = %port.name, "dropped malformed frame: {what}");
         }
     }
 
@@ -224,9 +223,7 @@ impl Switch {
                 }
                 Err(e) => {
                     let count = port.counters.tx_error();
-                    if count.is_power_of_two() {
-                        tracing::warn!(port = %port.name, count, "tap write failed: {e}");
-                    }
+                    guest_warn!(count = count; port = %port.name, "tap write failed: {e}");
                 }
             },
             PortKind::Guest(g) => {
@@ -243,9 +240,7 @@ impl Switch {
                     }
                     RxOutcome::RingError => {
                         let count = port.counters.tx_error();
-                        if count.is_power_of_two() {
-                            tracing::warn!(port = %port.name, count, "receive ring not accessible");
-                        }
+                        guest_warn!(count = count; port = %port.name, "receive ring not accessible");
                     }
                 }
             }

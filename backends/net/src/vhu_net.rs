@@ -12,7 +12,8 @@
 //! that offers `VIRTIO_NET_F_CTRL_VQ` (which `VIRTIO_NET_F_MQ` requires) handles it
 //! itself and turns `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET` into SET_VRING_ENABLE messages.
 
-use plexvm_backend_support::WorkerExitEvents;
+use plexvm_backend_support::server::DaemonBackend;
+use plexvm_backend_support::{guest_warn, WorkerExitEvents};
 use std::io;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -137,23 +138,6 @@ impl VhostUserNet {
         })
     }
 
-    /// The guest memory object to hand to `VhostUserDaemon::new`.
-    pub fn memory(&self) -> GuestMemory {
-        self.link.memory()
-    }
-
-    /// Closes the exit eventfds vhost-user-backend took with `into_raw_fd` and never
-    /// closes (one per worker per connection would otherwise leak).
-    ///
-    /// # Safety
-    ///
-    /// Call only after the `VhostUserDaemon` built on this backend has been dropped:
-    /// dropping it joins the worker threads, the only users of these descriptors.
-    pub unsafe fn close_exit_fds(&self) {
-        // SAFETY: the caller guarantees the daemon, and so every worker, is gone.
-        unsafe { self.exit_events.close_taken() }
-    }
-
     /// Forwards every waiting transmit chain; returns whether any was used.
     fn process_tx(&self, vring: &GuestVring, worker: &mut Worker) -> bool {
         let mem = self.link.memory().memory();
@@ -168,7 +152,7 @@ impl VhostUserNet {
             let head = chain.head_index();
             let read = read_chain(&mem, chain, hdr_len, &mut worker.pkt);
             if let Err(e) = vring.add_used(head, 0) {
-                tracing::warn!("cannot put used element {head}: {e}");
+                guest_warn!("cannot put used element {head}: {e}");
                 break;
             }
             used_any = true;
@@ -198,7 +182,7 @@ impl VhostUserNet {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
-                    tracing::warn!("cannot enable transmit notifications: {e}");
+                    guest_warn!("cannot enable transmit notifications: {e}");
                     break;
                 }
             }
@@ -208,6 +192,16 @@ impl VhostUserNet {
                 tracing::debug!("cannot signal transmit queue: {e}");
             }
         }
+    }
+}
+
+impl DaemonBackend for VhostUserNet {
+    fn memory(&self) -> GuestMemory {
+        self.link.memory()
+    }
+
+    fn exit_events(&self) -> &WorkerExitEvents {
+        &self.exit_events
     }
 }
 
@@ -286,7 +280,7 @@ impl VhostUserBackend for VhostUserNet {
         // is returned as one. `vrings` is this thread's pair: [receive, transmit], and
         // `device_event` indexes it.
         if evset != EventSet::IN {
-            tracing::warn!("unexpected event set {evset:?} on queue event {device_event}");
+            guest_warn!("unexpected event set {evset:?} on queue event {device_event}");
             return Ok(());
         }
         let (Some(rx), Some(tx)) = (vrings.first(), vrings.get(1)) else {
@@ -305,7 +299,7 @@ impl VhostUserBackend for VhostUserNet {
                 let mut worker = worker.lock().unwrap_or_else(PoisonError::into_inner);
                 self.handle_tx(tx, &mut worker);
             }
-            other => tracing::warn!("event for unknown queue {other}"),
+            other => guest_warn!("event for unknown queue {other}"),
         }
         Ok(())
     }

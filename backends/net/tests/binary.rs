@@ -1,78 +1,20 @@
 //! Tests of the `plexvm-net` binary as a child process: flag and start-up errors,
 //! statistics on SIGUSR1, reconnecting without leaking descriptors, and SIGTERM.
 
-use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
+
+use plexvm_backend_support::guard::{ChildGuard, HANG_GUARD};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::Frontend;
 use vhost::VhostBackend;
 
 const BIN: &str = env!("CARGO_BIN_EXE_plexvm-net");
-/// Guard against a hung process; not a timing assertion.
-const HANG_GUARD: Duration = Duration::from_secs(20);
 
-/// A running switch; killed and reaped on drop if still running.
-struct SwitchProcess {
-    child: Child,
-}
-
-impl SwitchProcess {
-    fn spawn(args: &[&str]) -> SwitchProcess {
-        let child = Command::new(BIN)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        SwitchProcess { child }
-    }
-
-    fn signal(&self, signal: i32) {
-        // SAFETY: kill(2) with a pid we own (the child is not reaped yet).
-        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
-        assert_eq!(rc, 0);
-    }
-
-    fn wait(&mut self) -> ExitStatus {
-        let deadline = Instant::now() + HANG_GUARD;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "plexvm-net did not exit");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Connects once the socket accepts connections.
-    fn connect(&mut self, socket: &Path) -> Frontend {
-        let deadline = Instant::now() + HANG_GUARD;
-        loop {
-            if let Ok(stream) = UnixStream::connect(socket) {
-                return Frontend::from_stream(stream, 2);
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("plexvm-net exited early: {status}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "never listened on {}",
-                socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for SwitchProcess {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// Connects once the socket accepts connections.
+fn connect(switch: &mut ChildGuard, socket: &Path) -> Frontend {
+    Frontend::from_stream(switch.connect(socket), 2)
 }
 
 fn open_fds(pid: u32) -> usize {
@@ -134,22 +76,26 @@ fn stats_on_sigusr1_reconnects_and_sigterm() {
         b.to_str().unwrap(),
         stats.to_str().unwrap(),
     );
-    let mut switch = SwitchProcess::spawn(&[
-        "--socket",
-        a_arg,
-        "--socket",
-        b_arg,
-        "--mac",
-        "52:54:00:00:00:0a",
-        "--stats-file",
-        s_arg,
-    ]);
-    let pid = switch.child.id();
+    let mut switch = ChildGuard::spawn_piped(
+        BIN,
+        &[
+            "--socket",
+            a_arg,
+            "--socket",
+            b_arg,
+            "--mac",
+            "52:54:00:00:00:0a",
+            "--stats-file",
+            s_arg,
+        ],
+    )
+    .unwrap();
+    let pid = switch.pid();
 
     // Connections come and go; descriptors do not pile up.
     let mut baseline = None;
     for round in 0..4 {
-        let frontend = switch.connect(&a);
+        let frontend = connect(&mut switch, &a);
         frontend.set_owner().unwrap();
         assert_eq!(
             frontend.get_features().unwrap() & 1 << 5,
@@ -159,7 +105,7 @@ fn stats_on_sigusr1_reconnects_and_sigterm() {
         drop(frontend);
         if round == 0 {
             // Let the first connection end before taking the baseline.
-            let _ = switch.connect(&a);
+            let _ = connect(&mut switch, &a);
             std::thread::sleep(Duration::from_millis(100));
             baseline = Some(open_fds(pid));
         }
@@ -190,7 +136,8 @@ fn stats_on_sigusr1_reconnects_and_sigterm() {
     assert!(switch.wait().success(), "SIGTERM ends it with status 0");
     assert!(!a.exists() && !b.exists(), "sockets removed");
     let mut stderr = String::new();
-    std::io::Read::read_to_string(switch.child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    std::io::Read::read_to_string(switch.child_mut().stderr.as_mut().unwrap(), &mut stderr)
+        .unwrap();
     assert!(
         stderr.contains("plexvm-net: port 0 a.sock VhostUser"),
         "one line per port on SIGUSR1: {stderr}"

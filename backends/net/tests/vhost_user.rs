@@ -8,13 +8,13 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
+use plexvm_backend_support::guard::ServeThread;
 use plexvm_net::config::NetConfig;
 use plexvm_net::frame::VnetHdr;
 use plexvm_net::mac_table::MacAddr;
-use plexvm_net::server::{NetServer, ServerError, Shutdown};
+use plexvm_net::server::{NetServer, ServerError};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
@@ -40,10 +40,9 @@ const RX_BUFS: u64 = 0x20000;
 const TX_BUFS: u64 = 0x60000;
 const BUF_LEN: u32 = 2048;
 
-/// The switch serving in a thread; shut down and joined on drop.
+/// The switch serving in a thread ([`ServeThread`]: shut down and joined on drop).
 struct SwitchGuard {
-    shutdown: Shutdown,
-    thread: Option<JoinHandle<Result<(), ServerError>>>,
+    serving: ServeThread<ServerError>,
     sockets: Vec<PathBuf>,
     server_stats: std::sync::Arc<plexvm_net::switch::Switch>,
     _dir: tempfile::TempDir,
@@ -71,12 +70,8 @@ impl SwitchGuard {
         // Bound before the thread starts, so connecting cannot race the listeners.
         let mut server = NetServer::new(&config).unwrap();
         let switch = server.switch().clone();
-        let shutdown = Shutdown::new().unwrap();
-        let trigger = shutdown.clone();
-        let thread = std::thread::spawn(move || server.serve(&trigger));
         SwitchGuard {
-            shutdown,
-            thread: Some(thread),
+            serving: ServeThread::spawn(move |shutdown| server.serve(shutdown)),
             sockets,
             server_stats: switch,
             _dir: dir,
@@ -99,18 +94,8 @@ impl SwitchGuard {
         self.server_stats.stats().ports[port].counters
     }
 
-    fn stop(mut self) -> Result<(), ServerError> {
-        self.shutdown.trigger();
-        self.thread.take().unwrap().join().unwrap()
-    }
-}
-
-impl Drop for SwitchGuard {
-    fn drop(&mut self) {
-        self.shutdown.trigger();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+    fn stop(self) -> Result<(), ServerError> {
+        self.serving.stop()
     }
 }
 

@@ -1,4 +1,12 @@
-//! Plumbing shared by plexvm's vhost-user backend processes (see README.md).
+//! The kit every plexvm vhost-user backend process is built on (see README.md): the
+//! serving loop with signals and shutdown ([`server`]), the vhost-user interposer with
+//! hooks ([`interposer`]), rate-limited guest-facing logging ([`log`]), test guards
+//! ([`guard`]), and the small pieces below.
+
+pub mod guard;
+pub mod interposer;
+pub mod log;
+pub mod server;
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -13,6 +21,54 @@ use vmm_sys_util::event::{
 
 /// Exit status for unusable flags (as clap and most tools use).
 pub const USAGE_ERROR: u8 = 2;
+
+/// The whole `main` of a backend: logging (quiet unless `log_env` or `RUST_LOG` says
+/// otherwise: under plexvm every stderr line is forwarded into the core's log), flags
+/// `A` → config `C` (a bad flag or value: one line, exit 2), `run(config)` → exit code
+/// (an error: its causes on one line, exit 1).
+pub fn backend_main<A, C, E>(
+    program: &str,
+    log_env: &str,
+    run: impl FnOnce(C) -> Result<(), E>,
+) -> ExitCode
+where
+    A: clap::Parser,
+    C: TryFrom<A>,
+    C::Error: std::fmt::Display,
+    E: std::error::Error,
+{
+    init_logging(log_env);
+    let args: A = match parse_args(program) {
+        Ok(args) => args,
+        Err(code) => return code,
+    };
+    let config = match C::try_from(args) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("{program}: {e}");
+            return ExitCode::from(USAGE_ERROR);
+        }
+    };
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{program}: {}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error and its causes on one line, `: `-separated (as anyhow's `{:#}`).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut line = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        line.push_str(": ");
+        line.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    line
+}
 
 /// Logs to stderr, without colours when stderr is not a terminal, at `warn` unless
 /// `env_var` (or `RUST_LOG`) says otherwise: under plexvm every stderr line of a backend
@@ -58,12 +114,14 @@ fn one_line(rendered: &str) -> String {
 }
 
 /// Why a socket path could not be cleared.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum StaleSocketError {
     /// Something other than a socket is there; it is left alone.
+    #[error("something other than a socket is at the socket path")]
     NotASocket,
     /// Looking at or removing the file failed.
-    Io(io::Error),
+    #[error("cannot clear the socket path")]
+    Io(#[source] io::Error),
 }
 
 /// Removes a socket left behind by an earlier run; refuses to remove anything else.
@@ -173,6 +231,16 @@ mod tests {
         remove_stale_socket(&sock).unwrap();
         assert!(!sock.exists());
         remove_stale_socket(&sock).unwrap();
+    }
+
+    #[test]
+    fn error_chains_are_one_line() {
+        let inner = io::Error::other("disk gone");
+        let outer = StaleSocketError::Io(inner);
+        assert_eq!(
+            error_chain(&outer),
+            "cannot clear the socket path: disk gone"
+        );
     }
 
     #[test]

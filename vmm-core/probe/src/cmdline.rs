@@ -28,7 +28,9 @@ pub enum CmdlineError<'a> {
         value: &'a str,
     },
     /// `probe.workload=` names no known workload.
-    #[error("unknown workload {0:?} (known: blk-verify, blk-abuse, blk-bench, net-echo)")]
+    #[error(
+        "unknown workload {0:?} (known: blk-verify, blk-abuse, blk-bench, net-echo, rng-read)"
+    )]
     UnknownWorkload(&'a str),
     /// `probe.workload=net-echo` without `probe.role=send|echo`.
     #[error("net-echo needs probe.role=send or probe.role=echo")]
@@ -37,6 +39,9 @@ pub enum CmdlineError<'a> {
     #[error("more than {MAX_DEVICES} virtio_mmio.device entries")]
     TooManyDevices,
 }
+
+/// Most config-space bytes `probe.config=` may ask to report.
+pub const MAX_CONFIG_BYTES: u8 = 64;
 
 /// What the probe runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +54,8 @@ pub enum Workload {
     BlkBench,
     /// Numbered Ethernet frames sent to a peer probe and echoed back.
     NetEcho,
+    /// Bytes from an entropy device, summarised.
+    RngRead,
 }
 
 impl Workload {
@@ -59,6 +66,7 @@ impl Workload {
             Workload::BlkAbuse => "blk-abuse",
             Workload::BlkBench => "blk-bench",
             Workload::NetEcho => "net-echo",
+            Workload::RngRead => "rng-read",
         }
     }
 
@@ -68,6 +76,7 @@ impl Workload {
             Workload::BlkAbuse,
             Workload::BlkBench,
             Workload::NetEcho,
+            Workload::RngRead,
         ]
         .into_iter()
         .find(|w| w.name() == name)
@@ -230,6 +239,9 @@ pub struct Config {
     pub bench: BenchParams,
     /// net-echo parameters.
     pub net: NetParams,
+    /// `probe.config=N`: rng-read also reports the first N bytes of the device's config
+    /// space (a multiple of 4, at most [`MAX_CONFIG_BYTES`]; default 0).
+    pub config_bytes: u8,
     devices: [Option<MmioDevice>; MAX_DEVICES],
     device_count: usize,
 }
@@ -242,6 +254,7 @@ impl Default for Config {
             seconds: 0,
             bench: BenchParams::default(),
             net: NetParams::default(),
+            config_bytes: 0,
             devices: [None; MAX_DEVICES],
             device_count: 0,
         }
@@ -346,6 +359,12 @@ fn apply_probe_key<'a>(
                 .filter(|n| (1..=60_000).contains(n))
                 .ok_or_else(bad)?
         }
+        "config" => {
+            config.config_bytes = parse_number(value)
+                .and_then(|n| u8::try_from(n).ok())
+                .filter(|n| n % 4 == 0 && *n <= MAX_CONFIG_BYTES)
+                .ok_or_else(bad)?
+        }
         _ => return Err(CmdlineError::UnknownKey(key)),
     }
     Ok(())
@@ -390,6 +409,19 @@ pub fn parse_number(text: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn config_bytes_are_words_up_to_64() {
+        assert_eq!(parse("probe.config=8").unwrap().config_bytes, 8);
+        assert_eq!(parse("").unwrap().config_bytes, 0);
+        for bad in ["probe.config=6", "probe.config=68", "probe.config=x"] {
+            assert!(
+                matches!(parse(bad), Err(CmdlineError::BadValue { .. })),
+                "{bad}"
+            );
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -347,6 +347,23 @@ impl VhostUserFrontend {
         Ok(())
     }
 
+    /// Returns once the backend has handled every message sent so far. With REPLY_ACK
+    /// each one was acknowledged already; without it one request that has a reply
+    /// (GET_FEATURES) is the barrier, as a backend handles its messages in order.
+    ///
+    /// Needed after activation: vhost-user-backend 0.10 (rust-vmm's vhost-device-rng
+    /// 0.1 and others) drains a kick that arrives between SET_VRING_KICK and
+    /// SET_VRING_ENABLE and drops it, so a driver's first notification could be lost.
+    pub fn barrier(&mut self) -> Result<(), FrontendError> {
+        if self
+            .protocol_features
+            .contains(VhostUserProtocolFeatures::REPLY_ACK)
+        {
+            return Ok(());
+        }
+        request("GET_FEATURES", self.inner.get_features()).map(|_| ())
+    }
+
     /// Stops every started ring: SET_VRING_ENABLE(0) with protocol features, then
     /// GET_VRING_BASE, which is what stops a ring (vhost-user spec, "Ring states"). The
     /// returned index is kept as the queue's base. Failures are logged, not returned: a

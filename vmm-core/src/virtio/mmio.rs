@@ -20,7 +20,9 @@ use super::interrupt::InterruptLine;
 use super::registers::{DeviceOps, MmioRegisters, INT_VRING};
 use super::ring_tracker::RingTracker;
 use super::state::DeviceState;
-use super::{SharedBackendState, QUEUE_NOTIFY_OFFSET, QUEUE_SIZE_MAX, TRANSPORT_MASKED_FEATURES};
+use super::{
+    DeviceType, SharedBackendState, QUEUE_NOTIFY_OFFSET, QUEUE_SIZE_MAX, TRANSPORT_MASKED_FEATURES,
+};
 use crate::backend::{Backend, BackendExitWatch};
 use crate::devices::MmioDevice;
 use crate::memory::GuestMemory;
@@ -97,6 +99,9 @@ struct VhostUserDevice {
     /// Outstanding requests of a backend without an in-flight buffer.
     tracker: Arc<Mutex<RingTracker>>,
     config_cache: Vec<u8>,
+    /// The config space the frontend serves itself ([`DeviceType::config`]): read from
+    /// here, writes ignored (the fs tag and the vsock CID are read-only, 5.10.4, 5.11.4).
+    frontend_config: Option<Vec<u8>>,
 }
 
 impl VhostUserDevice {
@@ -135,7 +140,17 @@ impl VhostUserDevice {
             &self.kicks,
             &self.calls,
             self.inflight.as_ref(),
-        )
+        )?;
+        // Once the backend has enabled the rings (the barrier), one kick each: a
+        // notification it dropped while a ring was still disabled is not lost (see
+        // `VhostUserFrontend::barrier`); a spurious one is harmless (virtio 1.2, 2.7.13).
+        frontend.barrier()?;
+        for (i, _) in state.queues.iter().enumerate().filter(|(_, q)| q.started) {
+            if let Some(kick) = self.kicks.get(i) {
+                let _ = kick.write(1);
+            }
+        }
+        Ok(())
     }
 
     fn remember_config(&mut self, offset: u32, data: &[u8]) {
@@ -162,6 +177,14 @@ impl DeviceOps for VhostUserDevice {
     type Error = FrontendError;
 
     fn read_config(&mut self, offset: u32, data: &mut [u8]) -> Result<(), FrontendError> {
+        if let Some(config) = &self.frontend_config {
+            data.fill(0);
+            if let Some(tail) = config.get(offset as usize..) {
+                let n = tail.len().min(data.len());
+                data[..n].copy_from_slice(&tail[..n]);
+            }
+            return Ok(());
+        }
         let result = match self.frontend.as_mut() {
             Some(frontend) => frontend.read_config(offset, data),
             None => {
@@ -183,6 +206,9 @@ impl DeviceOps for VhostUserDevice {
     }
 
     fn write_config(&mut self, offset: u32, data: &[u8]) -> Result<(), FrontendError> {
+        if self.frontend_config.is_some() {
+            return Ok(());
+        }
         match self.frontend.as_mut() {
             Some(frontend) => match frontend.write_config(offset, data) {
                 Err(_) if self.backend_gone() => Ok(()),
@@ -328,9 +354,11 @@ impl VirtioMmioTransport {
                 device: id.clone(),
                 source,
             })?;
-        let features = frontend.virtio_features() & !TRANSPORT_MASKED_FEATURES;
+        let device_type = DeviceType::of(config);
+        let masked = TRANSPORT_MASKED_FEATURES | device_type.masked_features;
+        let features = frontend.virtio_features() & !masked;
         let state = DeviceState::new(features, queue_count, QUEUE_SIZE_MAX);
-        let registers = MmioRegisters::new(&id, config.kind.virtio_id(), state, interrupt.status());
+        let registers = MmioRegisters::new(&id, device_type.device_id, state, interrupt.status());
         Ok(VirtioMmioTransport {
             id,
             kind: config.kind,
@@ -347,6 +375,7 @@ impl VirtioMmioTransport {
                 inflight: None,
                 tracker: Arc::default(),
                 config_cache: Vec::new(),
+                frontend_config: device_type.config,
             },
             socket: backend.socket().to_path_buf(),
             backend: Some(backend),

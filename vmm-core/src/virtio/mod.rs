@@ -6,6 +6,8 @@
 //! vhost-user backend through a [`crate::vhost_user::VhostUserFrontend`].
 //!
 //! Module map:
+//! - [`device_type`]: per device type what the frontend provides (device ID, queue
+//!   count rule, config space, its own queues, masked features), as data;
 //! - [`registers`]: the register file and the device-status state machine, with no side
 //!   effects of its own (unit-tested against a fake device);
 //! - [`state`]: everything the guest programmed, kept so a backend can be reconnected;
@@ -16,6 +18,7 @@
 //! - [`event_loop`]: the one core thread that turns backend call eventfds into guest
 //!   interrupts (backends that go away are noticed by [`crate::supervisor`]).
 
+pub mod device_type;
 pub mod event_loop;
 pub mod interrupt;
 pub mod mmio;
@@ -27,8 +30,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use plexvm_protocol::api::BackendState;
-use plexvm_protocol::spec::DeviceKind;
 
+pub use device_type::{default_queue_count, DeviceType};
 pub use event_loop::{DeviceEventHandler, EventLoop, EventLoopError};
 pub use interrupt::InterruptLine;
 pub use mmio::{BackendWatch, TransportError, VirtioMmioTransport};
@@ -85,18 +88,6 @@ pub const TRANSPORT_MASKED_FEATURES: u64 =
 /// VHOST_USER_F_PROTOCOL_FEATURES: a vhost-user bit in the virtio feature space, never
 /// offered to the guest.
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
-
-/// The number of queues a backend of `kind` serves when it does not offer
-/// VHOST_USER_PROTOCOL_F_MQ (then GET_QUEUE_NUM cannot be asked). These are the queues the
-/// vhost-user backend itself handles, as QEMU's vhost-user-* devices count them: net
-/// rx/tx, console port 0 rx/tx, vsock rx/tx (its event queue is a frontend's job and is
-/// not exposed), fs hiprio plus one request queue.
-pub fn default_queue_count(kind: DeviceKind) -> usize {
-    match kind {
-        DeviceKind::Blk | DeviceKind::Rng => 1,
-        DeviceKind::Net | DeviceKind::Console | DeviceKind::Vsock | DeviceKind::Fs => 2,
-    }
-}
 
 /// A device's backend connection state, shared by the transport (which reports it) and
 /// the event loop (which notices the backend going away).

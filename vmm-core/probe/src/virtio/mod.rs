@@ -1,11 +1,12 @@
 //! A polling virtio driver: the virtio-mmio version 2 transport, split virtqueues,
-//! the block and network devices. Virtio 1.2 spec sections are cited where behaviour is
+//! the block, network and entropy devices. Virtio 1.2 spec sections are cited where behaviour is
 //! defined by it.
 
 pub mod blk;
 pub mod mmio;
 pub mod net;
 pub mod queue;
+pub mod rng;
 
 /// Device status bits (virtio 1.2, 2.1).
 pub mod status {

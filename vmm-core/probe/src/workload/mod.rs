@@ -5,6 +5,7 @@ pub mod blk_abuse;
 pub mod blk_bench;
 pub mod blk_verify;
 pub mod net_echo;
+pub mod rng_read;
 
 use crate::cmdline::{Config, MmioDevice, Workload};
 use crate::console::{Chain, ExitCode};
@@ -40,6 +41,7 @@ pub fn run(env: &mut Env) -> ExitCode {
         Workload::BlkAbuse => blk_abuse::run(env),
         Workload::BlkBench => blk_bench::run(env),
         Workload::NetEcho => net_echo::run(env),
+        Workload::RngRead => rng_read::run(env),
     }
 }
 
