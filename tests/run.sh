@@ -25,8 +25,6 @@ PACKAGES=(
   kmod                 # modinfo/depmod for building initramfs module sets
   iproute2             # network namespaces and tap devices
   dpdk-dev             # dpdk-testpmd: the reference vhost-user-net switch (perf's net smoke test)
-  libcap-ng-dev        # building the crates.io virtiofsd (tests/deps/vhost-devices.sh)
-  libseccomp-dev       # building the crates.io virtiofsd (tests/deps/vhost-devices.sh)
   coreutils
 )
 missing=()
