@@ -855,3 +855,74 @@ lab_result readme exit=$rc
         run.diagnostics()
     );
 }
+
+/// The guest half of the virtio-fs test: mount the tag, check the file the lab put in
+/// the share, write files of several sizes and a 64 MiB one with fsync, rename one, and
+/// print every checksum.
+const VIRTIOFS_SCRIPT: &str = r#"
+mount -t virtiofs share /mnt || fail mount
+[ "$(cat /mnt/from-host.txt)" = "written by the lab" ] || fail host-file
+for size in 0 1 4095 65536 1000000; do
+  head -c $size /dev/urandom > /mnt/f$size
+done
+dd if=/dev/urandom of=/mnt/big bs=1M count=64 conv=fsync 2>/dev/null || fail big
+mv /mnt/f65536 /mnt/renamed || fail rename
+[ ! -e /mnt/f65536 ] || fail rename-left
+sync
+for f in /mnt/f* /mnt/renamed /mnt/big; do echo "GUEST-FILE $(sha256sum $f)"; done
+umount /mnt || fail umount
+result status=ok
+"#;
+
+#[test]
+fn lab_linux_guest_mounts_virtio_fs_served_by_debians_virtiofsd() {
+    let test = "lab_linux_guest_mounts_virtio_fs_served_by_debians_virtiofsd";
+    let virtiofsd = "/usr/lib/qemu/virtiofsd";
+    assert!(
+        std::path::Path::new(virtiofsd).is_file(),
+        "{virtiofsd} is missing (Debian package qemu-system-common, which tests/run.sh installs)"
+    );
+    let lab = Lab::new(test).unwrap();
+    let kernel = lab.kernel().clone();
+    let g = LinuxGuest::build(lab.work(), "fs", &kernel, &kernel.image, &["virtiofs"], VIRTIOFS_SCRIPT);
+    let dev = "[[device]]\nid = \"share0\"\nkind = \"fs\"\ntag = \"share\"\nsocket = \"/tmp/lab/virtiofsd.sock\"\n";
+    lab.write("fs.toml", &g.spec(lab.work(), "fs", 2, 512, dev));
+    // The share is a folder of the lab's tmpfs; after the guest ends, the lab prints the
+    // checksum of every file in it, which the test compares with what the guest wrote.
+    let scenario = format!(
+        r#"
+mkdir -p "$LAB_SCRATCH/share"
+echo "written by the lab" > "$LAB_SCRATCH/share/from-host.txt"
+{virtiofsd} --socket-path="$LAB_SCRATCH/virtiofsd.sock" -o source="$LAB_SCRATCH/share" \
+  -o cache=none -o sandbox=chroot >"$LAB_WORK/virtiofsd.err" 2>&1 &
+wait_socket "$LAB_SCRATCH/virtiofsd.sock" 60
+vm_start fs fs.toml
+vm_wait fs 400; lab_result vm-fs exit=$VM_EXIT
+cd "$LAB_SCRATCH/share"
+for f in *; do echo "HOST-FILE $(sha256sum "$f")"; done
+"#
+    );
+    let run = lab.run(&scenario, LAB_TIMEOUT).unwrap();
+    run.expect_success();
+    let out = GuestOutput::read(&run.work, "fs");
+    let context = || format!("{:?}\n{}", out.result(), run.diagnostics());
+    assert_eq!(run.result("vm-fs").get("exit").map(String::as_str), Some("0"), "{}", context());
+    assert_eq!(out.result().get("status").map(String::as_str), Some("ok"), "{}", context());
+    let host: std::collections::BTreeMap<String, String> = run
+        .console
+        .lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("HOST-FILE "))
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.to_string(), it.next()?.to_string()))
+        })
+        .map(|(sum, name)| (name, sum))
+        .collect();
+    let guest = out.files();
+    assert_eq!(guest.len(), 6, "{}", context());
+    for (sum, path) in guest {
+        let name = path.trim_start_matches("/mnt/");
+        assert_eq!(host.get(name), Some(&sum), "{name} differs between guest and lab\n{}", context());
+    }
+    assert!(!host.contains_key("f65536"), "the rename left the old name\n{}", context());
+}
