@@ -35,9 +35,14 @@ use plexvm_protocol::spec::{
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+mod containment;
+
+use containment::Loss;
+
 use crate::backend::{self, Backend};
 use crate::error_chain;
 use crate::memory::GuestMemory;
+use crate::stall::StallDetector;
 use crate::vhost_user::VhostUserFrontend;
 use crate::virtio::{self, BackendWatch, RingTracker, SharedBackendState, VirtioMmioTransport};
 
@@ -106,6 +111,7 @@ pub struct DeviceHealth {
     down_total: Duration,
     last_stall: Option<Duration>,
     inflight_state_known: bool,
+    stalled_since: Option<Instant>,
 }
 
 impl Default for DeviceHealth {
@@ -118,6 +124,7 @@ impl Default for DeviceHealth {
             down_total: Duration::ZERO,
             last_stall: None,
             inflight_state_known: true,
+            stalled_since: None,
         }
     }
 }
@@ -132,6 +139,9 @@ impl DeviceHealth {
         info.down_ms = (self.down_total + current).as_millis() as u64;
         info.last_stall_ms = self.last_stall.map(|d| d.as_millis() as u64);
         info.inflight_state_known = self.inflight_state_known;
+        if info.state == BackendState::Stalled {
+            info.stalled_ms = self.stalled_since.map(|t| t.elapsed().as_millis() as u64);
+        }
     }
 }
 
@@ -195,6 +205,7 @@ impl BackendSupervisor {
             base_dir,
             quiet_samples: 0,
             next_sample: Instant::now(),
+            next_stall_check: Instant::now(),
         };
         for i in 0..inner.devices.len() {
             inner.watch(i);
@@ -312,6 +323,13 @@ struct Device {
     mem: GuestMemory,
     /// Whether the attached backend lacks an in-flight buffer (its rings are sampled).
     sampled: bool,
+    stall: StallDetector,
+    /// A backend that could not be killed yet (uninterruptible sleep): the device is
+    /// given to no other backend until it has died.
+    unfenced: Option<Backend>,
+    /// What the lost backend did to end its connection (a missed deadline, a bad
+    /// reply), if that is how it was lost.
+    missed: Option<String>,
 }
 
 impl Device {
@@ -350,6 +368,9 @@ impl Device {
             tracker,
             mem,
             sampled: false,
+            stall: StallDetector::default(),
+            unfenced: None,
+            missed: None,
         }
     }
 }
@@ -364,6 +385,7 @@ struct Supervisor {
     /// Ring samples in a row that saw nothing pass.
     quiet_samples: u32,
     next_sample: Instant,
+    next_stall_check: Instant,
 }
 
 impl Supervisor {
@@ -391,6 +413,7 @@ impl Supervisor {
             }
             self.restart_due();
             self.sample_due();
+            self.check_stalls();
         }
     }
 
@@ -402,10 +425,16 @@ impl Supervisor {
             .iter()
             .any(Device::rings_sampled)
             .then_some(self.next_sample);
+        let stalls = self
+            .devices
+            .iter()
+            .any(|d| d.watch.is_some())
+            .then_some(self.next_stall_check);
         self.devices
             .iter()
             .filter_map(|d| d.retry_at)
             .chain(sample)
+            .chain(stalls)
             // Rounded up: a sample due in 0.4 ms must not become a 0 ms timeout that
             // spins until it is due.
             .map(|t| {
@@ -521,23 +550,34 @@ impl Supervisor {
 
     /// The backend of device `index` went away.
     fn on_lost(&mut self, index: usize) {
+        self.lose(index, Loss::Gone);
+    }
+
+    /// Device `index` loses its backend (gone, or stalled and to be fenced).
+    fn lose(&mut self, index: usize, loss: Loss) {
         self.unwatch(index);
         let dev = &mut self.devices[index];
         if dev.state.is_retired() {
             return;
         }
-        let backend = lock(&dev.transport).detach();
-        let reason = backend.map_or_else(
-            || "the backend went away".to_string(),
-            Backend::stop_and_describe,
-        );
+        dev.stall.reset();
+        let backend = {
+            let mut t = lock(&dev.transport);
+            dev.missed = t.broken();
+            t.detach()
+        };
+        let reason = match backend {
+            Some(b) => self.end_backend(index, b, &loss),
+            None => "the backend went away".to_string(),
+        };
+        let dev = &mut self.devices[index];
         let healthy = dev.up_since.is_some_and(|t| t.elapsed() >= HEALTHY_UPTIME);
         dev.streak = if healthy { 0 } else { dev.streak + 1 };
         dev.up_since = None;
         {
             let mut h = lock(&dev.health);
             h.last_exit = Some(reason.clone());
-            h.down_since = Some(Instant::now());
+            h.down_since = Some(h.stalled_since.take().unwrap_or_else(Instant::now));
         }
         let plan = self.schedule(index);
         tracing::warn!(
@@ -593,16 +633,22 @@ impl Supervisor {
         let frontend =
             VhostUserFrontend::connect(&dev.id, stream, virtio::default_queue_count(dev.kind))
                 .map_err(|e| format!("vhost-user bring-up: {}", error_chain(&e)))?;
+        frontend.set_reply_timeout(dev.restart.reply_timeout);
         lock(&dev.transport).check_compatible(&frontend)?;
         Ok((backend, frontend))
     }
 
     /// One restart attempt of device `index`, which is down.
     fn restart(&mut self, index: usize) {
-        let dev = &self.devices[index];
-        if dev.state.is_retired() {
+        if self.devices[index].state.is_retired() {
             return;
         }
+        if !self.fenced(index) {
+            let dev = &mut self.devices[index];
+            dev.retry_at = Some(Instant::now() + BACKOFF_MAX);
+            return;
+        }
+        let dev = &self.devices[index];
         dev.state.set(BackendState::Reconnecting);
         let (source, socket) = (dev.source.clone(), dev.exec_socket.clone());
         let result = self
@@ -742,19 +788,50 @@ impl Supervisor {
             device: id.clone(),
             reason,
         };
+        let stalled = self.devices[index].state.get() == BackendState::Stalled;
+        if stalled
+            && lock(&self.devices[index].transport)
+                .info()
+                .backend_pid
+                .is_none()
+        {
+            return Err(refused(
+                "the backend is stalled and the core cannot kill a `socket` backend: it is not replaced while it may still complete requests (it is waited for)".into(),
+            ));
+        }
         let (backend, frontend) = self.bring_up(index, &source, &socket).map_err(refused)?;
         // Not watched while it is stopped on purpose: that is no crash.
         self.unwatch(index);
-        let (result, old) = {
-            let mut t = lock(&self.devices[index].transport);
-            let drained = t.quiesce();
-            let old = t.detach();
-            let result = t.attach(frontend).map(|known| {
-                t.install_backend(backend);
-                drained || known
-            });
-            (result, old)
-        };
+        let transport = self.devices[index].transport.clone();
+        let mut t = lock(&transport);
+        let drained = !stalled && t.broken().is_none() && t.quiesce();
+        let broken = t.broken();
+        let stuck = stalled || broken.is_some();
+        let mut old = t.detach();
+        if stuck {
+            // The old backend may still hold the rings: it must be dead before the new
+            // one gets them (containment.rs, fencing rule).
+            drop(t);
+            self.devices[index].missed = None;
+            let why = broken.unwrap_or_else(|| "was stalled".into());
+            if let Some(stuck) = old.take() {
+                match self.fence(index, stuck, &why) {
+                    Ok(text) => tracing::warn!("device {id}: swapping away: {text}"),
+                    Err(text) => {
+                        drop(backend);
+                        let reason = format!("{text}; a backend that may still complete requests is not replaced (the core cannot kill a `socket` backend)");
+                        self.lose(index, Loss::Gone);
+                        return Err(refused(reason));
+                    }
+                }
+            }
+            t = lock(&transport);
+        }
+        let result = t.attach(frontend).map(|known| {
+            t.install_backend(backend);
+            drained || known
+        });
+        drop(t);
         // The old backend is stopped only now, outside the device lock.
         drop(old);
         let dev = &mut self.devices[index];
@@ -832,6 +909,7 @@ mod tests {
             last_exit: None,
             down_ms: 0,
             last_stall_ms: None,
+            stalled_ms: None,
             inflight_tracking: false,
             inflight_state_known: true,
         };

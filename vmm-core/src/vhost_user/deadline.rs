@@ -26,9 +26,10 @@ pub struct RoundTripClock {
     timeout: Mutex<Duration>,
     /// When the current round trip runs out, while one is in progress.
     armed: Mutex<Option<(Instant, &'static str)>>,
-    /// Which request missed its deadline, once one has.
-    expired: Mutex<Option<&'static str>>,
-    is_expired: AtomicBool,
+    /// Why the connection was ended (a missed deadline, a reply that broke the
+    /// protocol), once it has been.
+    broken: Mutex<Option<String>>,
+    is_broken: AtomicBool,
 }
 
 struct Watchdog {
@@ -96,8 +97,8 @@ impl RoundTripClock {
             socket,
             timeout: Mutex::new(DEFAULT_REPLY_TIMEOUT),
             armed: Mutex::new(None),
-            expired: Mutex::new(None),
-            is_expired: AtomicBool::new(false),
+            broken: Mutex::new(None),
+            is_broken: AtomicBool::new(false),
         });
         if let Some(dog) = watchdog() {
             lock(&dog.clocks).push(Arc::downgrade(&clock));
@@ -115,12 +116,26 @@ impl RoundTripClock {
         *lock(&self.timeout)
     }
 
-    /// The request that missed its deadline, if one has: the connection is dead.
-    pub fn expired(&self) -> Option<&'static str> {
-        if !self.is_expired.load(Ordering::Acquire) {
+    /// Why the connection was ended, if it was: it is dead.
+    pub fn broken(&self) -> Option<String> {
+        if !self.is_broken.load(Ordering::Acquire) {
             return None;
         }
-        *lock(&self.expired)
+        lock(&self.broken).clone()
+    }
+
+    /// Ends the connection for good (the first reason is kept): the backend's
+    /// socket is shut down, so the supervisor sees it as gone.
+    pub fn break_off(&self, reason: String) {
+        {
+            let mut broken = lock(&self.broken);
+            if broken.is_none() {
+                *broken = Some(reason);
+            }
+        }
+        self.is_broken.store(true, Ordering::Release);
+        // SAFETY: shutdown on a socket fd we own; no memory is passed.
+        unsafe { libc::shutdown(self.socket.as_raw_fd(), libc::SHUT_RDWR) };
     }
 
     /// Runs one round trip `request` under the deadline.
@@ -140,10 +155,8 @@ impl RoundTripClock {
     /// The deadline has passed: end the connection for good.
     fn expire(&self, request: &'static str) {
         *lock(&self.armed) = None;
-        *lock(&self.expired) = Some(request);
-        self.is_expired.store(true, Ordering::Release);
-        // SAFETY: shutdown on a socket fd we own; no memory is passed.
-        unsafe { libc::shutdown(self.socket.as_raw_fd(), libc::SHUT_RDWR) };
+        let ms = self.timeout().as_millis();
+        self.break_off(format!("did not answer {request} within {ms} ms"));
     }
 }
 
@@ -160,12 +173,15 @@ mod tests {
         clock.set_timeout(Duration::from_millis(50));
         // A peer that answers in time.
         let ok = clock.run("GET_FEATURES", || 7);
-        assert_eq!((ok, clock.expired()), (7, None));
+        assert_eq!((ok, clock.broken()), (7, None));
         // A peer that never answers: the blocked read ends instead of hanging.
         let mut buf = [0u8; 1];
         let n = clock.run("GET_CONFIG", || ours.read(&mut buf));
         assert_eq!(n.unwrap(), 0, "end of file once the deadline has passed");
-        assert_eq!(clock.expired(), Some("GET_CONFIG"));
+        assert_eq!(
+            clock.broken().as_deref(),
+            Some("did not answer GET_CONFIG within 50 ms")
+        );
         // The peer sees the connection end too.
         let mut theirs = theirs;
         assert_eq!(theirs.read(&mut buf).unwrap(), 0);

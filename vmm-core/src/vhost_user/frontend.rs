@@ -57,14 +57,12 @@ pub enum FrontendError {
         #[source]
         source: vhost::Error,
     },
-    /// The backend did not answer `request` within the deadline: it is treated as
-    /// gone and the connection is not used again.
-    #[error("the backend did not answer {request} within {timeout:?}")]
-    Deadline {
-        /// The request.
-        request: &'static str,
-        /// The deadline.
-        timeout: Duration,
+    /// The connection was ended: the backend missed a deadline or broke the
+    /// protocol. It is treated as gone and the connection is not used again.
+    #[error("the backend {reason}")]
+    Broken {
+        /// What the backend did.
+        reason: String,
     },
     /// GET_QUEUE_NUM answered 0.
     #[error("the backend serves no queues")]
@@ -133,28 +131,47 @@ fn sealed_copy(file: &File, info: &VhostUserInflight) -> Result<File, FrontendEr
     Ok(copy)
 }
 
-/// Runs one round trip on `inner` under `clock`'s deadline.
+/// Runs one round trip on `inner` under `clock`'s deadline. A reply that breaks the
+/// protocol (wrong request code, size or flags, oversized, a partial message) ends the
+/// connection like a missed deadline: the backend is then out of step with the core
+/// and is treated as gone. A refusal (REPLY_ACK with an error) is not.
 fn call<T>(
     clock: &RoundTripClock,
     inner: &mut Frontend,
     request: &'static str,
     op: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
 ) -> Result<T, FrontendError> {
-    if let Some(missed) = clock.expired() {
-        return Err(FrontendError::Deadline {
-            request: missed,
-            timeout: clock.timeout(),
-        });
+    if let Some(reason) = clock.broken() {
+        return Err(FrontendError::Broken { reason });
     }
-    clock
-        .run(request, || op(inner))
-        .map_err(|source| match clock.expired() {
-            Some(missed) => FrontendError::Deadline {
-                request: missed,
-                timeout: clock.timeout(),
-            },
-            None => FrontendError::Request { request, source },
-        })
+    clock.run(request, || op(inner)).map_err(|source| {
+        if let Some(reason) = clock.broken() {
+            return FrontendError::Broken { reason };
+        }
+        if breaks_protocol(&source) {
+            let reason = format!("answered {request} with a bad reply ({source})");
+            clock.break_off(reason.clone());
+            return FrontendError::Broken { reason };
+        }
+        FrontendError::Request { request, source }
+    })
+}
+
+/// Whether a failed round trip leaves the connection unusable (see [`call`]).
+fn breaks_protocol(e: &vhost::Error) -> bool {
+    use vhost::vhost_user::Error as E;
+    match e {
+        vhost::Error::VhostUserProtocol(e) => !matches!(
+            e,
+            E::BackendInternalError
+                | E::InvalidParam
+                | E::InvalidOperation(_)
+                | E::InactiveFeature(_)
+                | E::InactiveOperation(_)
+                | E::FrontendInternalError
+        ),
+        _ => false,
+    }
 }
 
 /// The frontend side of one vhost-user connection.
@@ -165,6 +182,9 @@ pub struct VhostUserFrontend {
     backend_features: u64,
     protocol_features: VhostUserProtocolFeatures,
     queue_count: usize,
+    /// The core's copy of config space from offset 0 ([`Self::fetch_config`]): guest
+    /// reads inside it make no round trip.
+    config: Vec<u8>,
 }
 
 impl std::fmt::Debug for VhostUserFrontend {
@@ -231,6 +251,7 @@ impl VhostUserFrontend {
             backend_features,
             protocol_features,
             queue_count,
+            config: Vec::new(),
         })
     }
 
@@ -247,9 +268,10 @@ impl VhostUserFrontend {
         self.clock.set_timeout(timeout);
     }
 
-    /// The request that missed its deadline, once one has (the backend counts as gone).
-    pub fn missed_deadline(&self) -> Option<&'static str> {
-        self.clock.expired()
+    /// Why the connection was ended (a missed deadline, a reply that broke the
+    /// protocol), once it was: the backend counts as gone.
+    pub fn broken(&self) -> Option<String> {
+        self.clock.broken()
     }
 
     /// The device id, for messages.
@@ -350,20 +372,39 @@ impl VhostUserFrontend {
         Ok(())
     }
 
-    /// Reads `data.len()` bytes of config space at `offset`.
+    /// Takes the core's copy of the first `size` bytes of config space (GET_CONFIG),
+    /// off the vCPU threads while the core connects, so that the guest's config reads
+    /// are served without waiting on the backend. Refreshed on every reconnect.
+    pub fn fetch_config(&mut self, size: usize) -> Result<(), FrontendError> {
+        if size == 0 {
+            return Ok(());
+        }
+        let mut buf = vec![0u8; size];
+        self.config.clear();
+        self.read_config(0, &mut buf)?;
+        self.config = buf;
+        Ok(())
+    }
+
+    /// Reads `data.len()` bytes of config space at `offset`: from the core's copy when
+    /// it holds them, else from the backend (and the copy grows).
     ///
     /// Always asks from offset 0: libvhost-user based backends (qemu-storage-daemon)
     /// ignore GET_CONFIG's offset and return the start of config space, as QEMU only ever
     /// asks for it whole.
     pub fn read_config(&mut self, offset: u32, data: &mut [u8]) -> Result<(), FrontendError> {
+        let start = offset as usize;
+        let size = start + data.len();
+        if let Some(bytes) = self.config.get(start..size) {
+            data.copy_from_slice(bytes);
+            return Ok(());
+        }
         if !self
             .protocol_features
             .contains(VhostUserProtocolFeatures::CONFIG)
         {
             return Err(FrontendError::NoConfig);
         }
-        let start = offset as usize;
-        let size = start + data.len();
         let buf = vec![0u8; size];
         let (_, reply) = self.call("GET_CONFIG", |f| {
             f.get_config(0, size as u32, VhostUserConfigFlags::empty(), &buf)
@@ -371,6 +412,9 @@ impl VhostUserFrontend {
         // The vhost crate has checked that the reply is exactly `size` bytes.
         if let Some(bytes) = reply.get(start..size) {
             data.copy_from_slice(bytes);
+            if reply.len() > self.config.len() {
+                self.config = reply;
+            }
         }
         Ok(())
     }
@@ -385,7 +429,13 @@ impl VhostUserFrontend {
         }
         self.call("SET_CONFIG", |f| {
             f.set_config(offset, VhostUserConfigFlags::empty(), data)
-        })
+        })?;
+        // The copy follows what the driver wrote (the backend accepted it).
+        let start = offset as usize;
+        if let Some(bytes) = self.config.get_mut(start..start + data.len()) {
+            bytes.copy_from_slice(data);
+        }
+        Ok(())
     }
 
     /// Starts the device as the driver set it up (at DRIVER_OK, and when replaying to a

@@ -24,6 +24,7 @@ use super::{SharedBackendState, QUEUE_NOTIFY_OFFSET, QUEUE_SIZE_MAX, TRANSPORT_M
 use crate::backend::{Backend, BackendExitWatch};
 use crate::devices::MmioDevice;
 use crate::memory::GuestMemory;
+use crate::stall::RingProgress;
 use crate::vhost_user::{FrontendError, InflightBuffer, VhostUserFrontend};
 
 /// Errors setting up a transport.
@@ -108,7 +109,7 @@ impl VhostUserDevice {
     fn backend_gone(&self) -> bool {
         self.frontend
             .as_ref()
-            .is_none_or(VhostUserFrontend::is_hung_up)
+            .is_none_or(|f| f.broken().is_some() || f.is_hung_up())
     }
 
     /// Starts the ready rings on the attached backend, with the device's in-flight
@@ -303,6 +304,7 @@ impl VirtioMmioTransport {
         mut frontend: VhostUserFrontend,
     ) -> Result<Self, TransportError> {
         let id = config.id.clone();
+        frontend.set_reply_timeout(config.restart.reply_timeout);
         let queue_count = frontend.queue_count();
         let fds = QueueEventFds::new(queue_count).map_err(|source| TransportError::EventFd {
             device: id.clone(),
@@ -328,6 +330,7 @@ impl VirtioMmioTransport {
                 device: id.clone(),
                 source,
             })?;
+        snapshot_config(&mut frontend, config.kind);
         let features = frontend.virtio_features() & !TRANSPORT_MASKED_FEATURES;
         let state = DeviceState::new(features, queue_count, QUEUE_SIZE_MAX);
         let registers = MmioRegisters::new(&id, config.kind.virtio_id(), state, interrupt.status());
@@ -380,6 +383,7 @@ impl VirtioMmioTransport {
             last_exit: None,
             down_ms: 0,
             last_stall_ms: None,
+            stalled_ms: None,
             inflight_tracking: self
                 .device
                 .frontend
@@ -403,6 +407,37 @@ impl VirtioMmioTransport {
     /// buffer serves started rings) and the memory to sample it with.
     pub fn ring_tracker(&self) -> (Arc<Mutex<RingTracker>>, GuestMemory) {
         (self.device.tracker.clone(), self.device.mem.clone())
+    }
+
+    /// One sample of the started rings for the stall detector
+    /// ([`crate::stall::StallDetector`]): `None` when no backend serves started rings.
+    pub fn progress(&self) -> Option<RingProgress> {
+        self.device.frontend.as_ref()?;
+        let mem = &self.device.mem;
+        let mut sample = RingProgress::default();
+        for (i, q) in self.state().queues.iter().enumerate() {
+            if !q.started {
+                continue;
+            }
+            let used = q.used_index(mem)?;
+            sample.used.push(used);
+            let avail = q.avail_index(mem)?;
+            let unread = || self.device.kicks.get(i).is_some_and(kick_unread);
+            if avail != used && (!crate::stall::is_input_queue(self.kind, i) || unread()) {
+                sample.waiting = true;
+            }
+        }
+        (!sample.used.is_empty()).then_some(sample)
+    }
+
+    /// Why the connection to the attached backend was ended (a missed round-trip
+    /// deadline, a reply that broke the protocol), if it was: the backend may live on,
+    /// but it counts as gone.
+    pub fn broken(&self) -> Option<String> {
+        self.device
+            .frontend
+            .as_ref()
+            .and_then(VhostUserFrontend::broken)
     }
 
     /// Whether a backend is attached.
@@ -473,6 +508,7 @@ impl VirtioMmioTransport {
     /// were known (false: replayed from the used index, some may repeat or be missed).
     pub fn attach(&mut self, mut frontend: VhostUserFrontend) -> Result<bool, FrontendError> {
         frontend.set_vring_eventfds(&self.device.calls, &self.device.errs)?;
+        snapshot_config(&mut frontend, self.kind);
         self.device.frontend = Some(frontend);
         let state = self.registers.state_mut();
         if !state.activated {
@@ -523,8 +559,8 @@ impl VirtioMmioTransport {
     /// when the [`RingTracker`] knows it, else the next backend replays from the used
     /// index).
     pub fn quiesce(&mut self) -> bool {
-        self.device.inflight = None;
         let Some(frontend) = self.device.frontend.as_mut() else {
+            self.device.inflight = None;
             return true;
         };
         let state = self.registers.state_mut();
@@ -532,6 +568,12 @@ impl VirtioMmioTransport {
             .filter(|&i| state.queues[i].started)
             .collect();
         frontend.stop(state);
+        if frontend.broken().is_some() {
+            // Stuck: its rings did not stop. The caller fences it; what it had in
+            // flight stays in the in-flight buffer for the next backend.
+            return false;
+        }
+        self.device.inflight = None;
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         loop {
             let drained = started.iter().all(|&i| {
@@ -591,6 +633,50 @@ impl Drop for VirtioMmioTransport {
         // `backend` field drops): the event loop must not report that as a failure.
         self.backend_state.retire();
     }
+}
+
+/// How much config space the core copies when it connects: the part of each device
+/// type's config (virtio 1.2, 5.2.4 and 5.1.4) that a driver reads for the features
+/// our backends offer. Reads past it go to the backend (and the copy grows).
+fn config_snapshot_size(kind: DeviceKind) -> usize {
+    match kind {
+        // capacity .. num_queues, discard and write-zeroes limits: 60 bytes, which
+        // qemu-storage-daemon 7.2 (it refuses reads past its struct) serves too.
+        DeviceKind::Blk => 60,
+        // mac, status, max_virtqueue_pairs, mtu.
+        DeviceKind::Net => 12,
+        _ => 0,
+    }
+}
+
+/// Takes the core's copy of config space on a connection being brought up (never on
+/// a vCPU thread). A backend that refuses is asked again when the guest reads.
+fn snapshot_config(frontend: &mut VhostUserFrontend, kind: DeviceKind) {
+    let wants_config = frontend
+        .protocol_features()
+        .contains(vhost::vhost_user::VhostUserProtocolFeatures::CONFIG);
+    if !wants_config {
+        return;
+    }
+    if let Err(e) = frontend.fetch_config(config_snapshot_size(kind)) {
+        tracing::debug!(
+            "device {}: no config space copy: {}",
+            frontend.device(),
+            crate::error_chain(&e)
+        );
+    }
+}
+
+/// Whether the eventfd has a count nobody has read yet (without reading it).
+fn kick_unread(kick: &EventFd) -> bool {
+    let mut fds = [libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(kick),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    // SAFETY: `fds` is a valid array of one pollfd for the duration of the call.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
+    n > 0 && fds[0].revents & libc::POLLIN != 0
 }
 
 /// A new descriptor for the same open socket, owned by the supervisor.
