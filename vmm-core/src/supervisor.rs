@@ -192,6 +192,7 @@ impl BackendSupervisor {
         let mut health = Vec::new();
         let mut supervised = Vec::new();
         for d in devices {
+            lock(&d.transport).set_activator(wake.clone());
             let h = Arc::new(Mutex::new(DeviceHealth::default()));
             health.push((d.config.id.clone(), h.clone()));
             supervised.push(Device::new(d, h, &runtime_dir));
@@ -407,6 +408,7 @@ impl Supervisor {
                     if !self.take_commands() {
                         return;
                     }
+                    self.activate_pending();
                 } else {
                     self.on_event(event.data());
                 }
@@ -469,6 +471,13 @@ impl Supervisor {
             SAMPLE_BUSY
         };
         self.next_sample = now + every;
+    }
+
+    /// Hands the rings to the backends of devices whose driver has just set DRIVER_OK.
+    fn activate_pending(&mut self) {
+        for d in &self.devices {
+            lock(&d.transport).activate_pending();
+        }
     }
 
     /// Runs queued commands; false once the command channel is closed.

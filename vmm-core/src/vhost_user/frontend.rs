@@ -525,6 +525,15 @@ impl VhostUserFrontend {
     }
 }
 
+/// Checks that every ready ring lies in guest RAM, without a round trip: what
+/// [`VhostUserFrontend::activate`] checks first.
+pub fn check_rings(state: &DeviceState, mem: &GuestMemory) -> Result<(), FrontendError> {
+    for (i, q) in state.ready_queues() {
+        ring_config(mem, i, q)?;
+    }
+    Ok(())
+}
+
 /// The memory table: every RAM region with the core's own mapping address and its memfd.
 fn memory_table(mem: &GuestMemory) -> Result<Vec<VhostUserMemoryRegionInfo>, FrontendError> {
     mem.iter()

@@ -11,4 +11,6 @@ mod frontend;
 
 pub use deadline::DEFAULT_REPLY_TIMEOUT;
 
-pub use frontend::{FrontendError, InflightBuffer, VhostUserFrontend, SUPPORTED_PROTOCOL_FEATURES};
+pub use frontend::{
+    check_rings, FrontendError, InflightBuffer, VhostUserFrontend, SUPPORTED_PROTOCOL_FEATURES,
+};

@@ -98,6 +98,11 @@ struct VhostUserDevice {
     /// Outstanding requests of a backend without an in-flight buffer.
     tracker: Arc<Mutex<RingTracker>>,
     config_cache: Vec<u8>,
+    /// Wakes the thread that runs activations ([`VirtioMmioTransport::set_activator`]);
+    /// without one, DRIVER_OK activates on the writing vCPU.
+    activator: Option<Arc<EventFd>>,
+    /// DRIVER_OK was accepted and the rings still have to be handed to the backend.
+    activation_pending: bool,
 }
 
 impl VhostUserDevice {
@@ -194,6 +199,14 @@ impl DeviceOps for VhostUserDevice {
     }
 
     fn activate(&mut self, state: &mut DeviceState) -> Result<(), FrontendError> {
+        if let Some(activator) = &self.activator {
+            // No round trip on the vCPU: what the guest can get wrong is checked here,
+            // the backend is told on the supervisor thread (activate_pending).
+            crate::vhost_user::check_rings(state, &self.mem)?;
+            self.activation_pending = self.frontend.is_some();
+            let _ = activator.write(1);
+            return Ok(());
+        }
         match self.start_rings(state) {
             // The backend died under the driver: the supervisor replays the activation
             // to the next one, the driver need not know.
@@ -206,6 +219,7 @@ impl DeviceOps for VhostUserDevice {
         // A reset device starts with fresh rings: in-flight entries of the old ones must
         // never be resubmitted.
         self.inflight = None;
+        self.activation_pending = false;
         *self.tracker() = RingTracker::default();
         match self.frontend.as_mut() {
             Some(frontend) => frontend.stop(state),
@@ -350,6 +364,8 @@ impl VirtioMmioTransport {
                 inflight: None,
                 tracker: Arc::default(),
                 config_cache: Vec::new(),
+                activator: None,
+                activation_pending: false,
             },
             socket: backend.socket().to_path_buf(),
             backend: Some(backend),
@@ -440,6 +456,49 @@ impl VirtioMmioTransport {
             .and_then(VhostUserFrontend::broken)
     }
 
+    /// Sets the round-trip deadline of the attached backend (the spec's
+    /// `reply_timeout_ms` is applied when the transport is made).
+    pub fn set_reply_timeout(&self, timeout: Duration) {
+        if let Some(frontend) = &self.device.frontend {
+            frontend.set_reply_timeout(timeout);
+        }
+    }
+
+    /// Lets `activator` run activations: from now on a DRIVER_OK write only checks the
+    /// rings and wakes it, and it calls [`Self::activate_pending`] — so no vCPU waits
+    /// on the backend's round trips.
+    pub fn set_activator(&mut self, activator: Arc<EventFd>) {
+        self.device.activator = Some(activator);
+    }
+
+    /// Hands the rings to the backend if the driver set DRIVER_OK since the last call
+    /// (off the vCPU threads). A backend that refuses fails the device
+    /// (DEVICE_NEEDS_RESET); one that is gone gets the activation in the replay to the
+    /// next one.
+    pub fn activate_pending(&mut self) {
+        if !std::mem::take(&mut self.device.activation_pending) {
+            return;
+        }
+        let state = self.registers.state_mut();
+        if !state.activated {
+            return;
+        }
+        match self.device.start_rings(state) {
+            // Notifications the driver gave before the backend had the rings wait in
+            // the kick eventfds; one more makes sure the backend looks.
+            Ok(()) => {
+                let started = state.queues.iter().enumerate().filter(|(_, q)| q.started);
+                for (i, _) in started {
+                    if let Some(kick) = self.device.kicks.get(i) {
+                        let _ = kick.write(1);
+                    }
+                }
+            }
+            Err(_) if self.device.backend_gone() => {}
+            Err(e) => self.registers.fail_device(&mut self.device, &e),
+        }
+    }
+
     /// Whether a backend is attached.
     pub fn is_attached(&self) -> bool {
         self.device.frontend.is_some()
@@ -510,6 +569,8 @@ impl VirtioMmioTransport {
         frontend.set_vring_eventfds(&self.device.calls, &self.device.errs)?;
         snapshot_config(&mut frontend, self.kind);
         self.device.frontend = Some(frontend);
+        // The replay below starts the rings the driver set up.
+        self.device.activation_pending = false;
         let state = self.registers.state_mut();
         if !state.activated {
             self.backend_state.set(BackendState::Up);
