@@ -69,6 +69,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 log "build all binaries"
 cargo build --workspace --bins
 
+log "fuzz targets over their checked-in corpus (stable; see fuzz/README.md)"
+cargo test --manifest-path fuzz/Cargo.toml --no-default-features
+
 log "tests"
 if command -v cargo-nextest >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"

@@ -1,59 +1,6 @@
-//! plexvm-blk's request path, fed the way a guest feeds it: the input becomes guest
-//! memory (descriptor table at 0, buffers anywhere), a head index and a queue size; the
-//! chain is read with the backend's own chain reader and executed against a small
-//! image. Whatever the chain says, the backend must not panic, must not touch memory
-//! outside guest RAM (ASan), and must report a used length no larger than the chain's
-//! device-writable bytes.
+//! `cargo +nightly fuzz run blk_request`: see [`plexvm_fuzz::blk_request`].
 #![no_main]
 
-use std::io::Write;
-use std::sync::OnceLock;
-
 use libfuzzer_sys::fuzz_target;
-use plexvm_blk::chain;
-use plexvm_blk::disk::{Disk, DiskOptions};
-use plexvm_blk::request::BlockDevice;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-const MEM_SIZE: usize = 64 * 1024;
-const SECTORS: usize = 16;
-
-fn device() -> &'static BlockDevice {
-    static DEVICE: OnceLock<(tempfile::NamedTempFile, BlockDevice)> = OnceLock::new();
-    &DEVICE
-        .get_or_init(|| {
-            let mut image = tempfile::NamedTempFile::new().expect("temp image");
-            image
-                .write_all(&vec![0xa5; SECTORS * 512])
-                .expect("image data");
-            let options = DiskOptions {
-                readonly: false,
-                direct: false,
-            };
-            let disk = Disk::open(image.path(), options).expect("image opens");
-            (image, BlockDevice::new(disk, *b"fuzz-serial-00000000"))
-        })
-        .1
-}
-
-fuzz_target!(|data: &[u8]| {
-    if data.len() < 3 {
-        return;
-    }
-    let queue_size = u16::from(data[0] % 64) + 1;
-    let head = u16::from(data[1]) % queue_size;
-    let mem =
-        GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
-    let body = &data[2..];
-    let len = body.len().min(MEM_SIZE);
-    mem.write_slice(&body[..len], GuestAddress(0))
-        .expect("within guest memory");
-    let descriptors = chain::descriptors(&mem, GuestAddress(0), queue_size, head);
-    let writable: u64 = descriptors
-        .iter()
-        .filter(|d| d.is_write_only())
-        .map(|d| u64::from(d.len()))
-        .sum();
-    let completion = device().process(&mem, descriptors);
-    assert!(u64::from(completion.used_len) <= writable);
-});
+fuzz_target!(|data: &[u8]| plexvm_fuzz::blk_request(data));

@@ -53,6 +53,10 @@ pub enum BackendState {
     Down,
     /// Being restarted or reconnected.
     Reconnecting,
+    /// The backend process lives but does not serve: the guest's notifications stay
+    /// unread and no request completes for `stall_ms`, or it missed a round-trip
+    /// deadline. `stalled_ms` says for how long; `on_stall` says what happens next.
+    Stalled,
     /// Down for good: the restart policy is `never`, or `restart_max` restarts in a
     /// row failed. The device's queues stall; a swap (`PUT /devices/{id}/backend`)
     /// can still bring it back.
@@ -96,6 +100,9 @@ pub struct DeviceInfo {
     /// device serving again), when there was one.
     #[serde(default)]
     pub last_stall_ms: Option<u64>,
+    /// While the device is `stalled`: milliseconds since its last progress.
+    #[serde(default)]
+    pub stalled_ms: Option<u64>,
     /// Whether the current backend tracks in-flight requests
     /// (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), so a crash loses none.
     #[serde(default)]

@@ -154,7 +154,37 @@ pub struct DeviceSpec {
     /// generic: config space bytes the core serves.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config: Option<Vec<u8>>,
+    /// Deadline of one vhost-user round trip in milliseconds (default 1000). A backend
+    /// that misses it is treated as gone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reply_timeout_ms: Option<u64>,
+    /// The device counts as stalled when the guest's notifications stay unread and no
+    /// request completes for this many milliseconds (default 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stall_ms: Option<u64>,
+    /// What to do with a stalled backend: `"restart"` (default for `exec`) kills and
+    /// restarts it, `"wait"` (the only choice for `socket`) waits for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_stall: Option<StallPolicy>,
 }
+
+/// The `on_stall` value of a `[[device]]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StallPolicy {
+    /// SIGKILL the backend, reap it, and restart it; requests in flight are
+    /// resubmitted to the new one.
+    Restart,
+    /// Report the stall and wait for the backend to move again.
+    Wait,
+}
+
+/// Default deadline of one vhost-user round trip.
+pub const DEFAULT_REPLY_TIMEOUT_MS: u64 = 1000;
+/// Default time without progress before a device counts as stalled.
+pub const DEFAULT_STALL_MS: u64 = 1000;
+/// Largest `reply_timeout_ms` and `stall_ms` accepted (an hour).
+pub const MAX_TIMEOUT_MS: u64 = 3_600_000;
 
 /// The `restart` value of a `[[device]]`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -167,13 +197,31 @@ pub enum RestartPolicy {
     Never,
 }
 
-/// A device's restart policy after validation.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// A device's restart and stall policy after validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RestartConfig {
     /// Whether to restart at all.
     pub policy: RestartPolicy,
     /// Most failed restarts in a row before giving up; `None`: no limit.
     pub max_failures: Option<u32>,
+    /// Deadline of one vhost-user round trip.
+    pub reply_timeout: std::time::Duration,
+    /// Time without progress before the device counts as stalled.
+    pub stall: std::time::Duration,
+    /// What to do with a stalled backend.
+    pub on_stall: StallPolicy,
+}
+
+impl Default for RestartConfig {
+    fn default() -> Self {
+        RestartConfig {
+            policy: RestartPolicy::Always,
+            max_failures: None,
+            reply_timeout: std::time::Duration::from_millis(DEFAULT_REPLY_TIMEOUT_MS),
+            stall: std::time::Duration::from_millis(DEFAULT_STALL_MS),
+            on_stall: StallPolicy::Restart,
+        }
+    }
 }
 
 /// How the core reaches a device's backend, after validation.
@@ -539,7 +587,23 @@ fn resolve_devices(
                 BackendSource::Socket(base_dir.join(sock))
             }
         };
-        let restart = resolve_restart(d.restart, d.restart_max, &field)?;
+        let mut restart = resolve_restart(d.restart, d.restart_max, &field)?;
+        restart.reply_timeout = millis(
+            d.reply_timeout_ms,
+            DEFAULT_REPLY_TIMEOUT_MS,
+            &field("reply_timeout_ms"),
+        )?;
+        restart.stall = millis(d.stall_ms, DEFAULT_STALL_MS, &field("stall_ms"))?;
+        restart.on_stall = match (&backend, d.on_stall) {
+            (BackendSource::Socket(_), Some(StallPolicy::Restart)) => {
+                return Err(invalid(
+                    field("on_stall"),
+                    "\"restart\" needs an `exec` backend: the core cannot kill a `socket` backend, so it could still complete requests after another one took over",
+                ))
+            }
+            (BackendSource::Socket(_), _) => StallPolicy::Wait,
+            (BackendSource::Exec(_), policy) => policy.unwrap_or(StallPolicy::Restart),
+        };
         let fields = DeviceFields {
             tag: d.tag,
             request_queues: d.request_queues,
@@ -560,6 +624,16 @@ fn resolve_devices(
     Ok(out)
 }
 
+fn millis(value: Option<u64>, default: u64, field: &str) -> Result<std::time::Duration, SpecError> {
+    match value.unwrap_or(default) {
+        0 => Err(invalid(field, "must be at least 1")),
+        ms if ms > MAX_TIMEOUT_MS => {
+            Err(invalid(field, format!("must be at most {MAX_TIMEOUT_MS}")))
+        }
+        ms => Ok(std::time::Duration::from_millis(ms)),
+    }
+}
+
 fn resolve_restart(
     policy: Option<RestartPolicy>,
     max: Option<u32>,
@@ -578,6 +652,7 @@ fn resolve_restart(
         _ => Ok(RestartConfig {
             policy,
             max_failures: max,
+            ..RestartConfig::default()
         }),
     }
 }
@@ -722,6 +797,47 @@ socket = "/run/x.sock"
     }
 
     #[test]
+    fn deadlines_and_stall_policy_have_defaults_and_are_checked() {
+        let base = "[vm]\nname=\"a\"\nmemory_mib=1\nkernel=\"probe\"\n[[device]]\nid=\"d\"\nkind=\"blk\"\n";
+        let exec = format!("{base}exec=[\"x\"]\n");
+        let r = check(&exec).unwrap().devices[0].restart;
+        assert_eq!(r.reply_timeout, std::time::Duration::from_millis(1000));
+        assert_eq!(r.stall, std::time::Duration::from_millis(1000));
+        assert_eq!(r.on_stall, StallPolicy::Restart);
+        let r = check(&format!(
+            "{exec}stall_ms=300\nreply_timeout_ms=50\non_stall=\"wait\"\n"
+        ))
+        .unwrap()
+        .devices[0]
+            .restart;
+        assert_eq!(r.stall, std::time::Duration::from_millis(300));
+        assert_eq!(r.reply_timeout, std::time::Duration::from_millis(50));
+        assert_eq!(r.on_stall, StallPolicy::Wait);
+        let socket = format!("{base}socket=\"s\"\n");
+        assert_eq!(
+            check(&socket).unwrap().devices[0].restart.on_stall,
+            StallPolicy::Wait
+        );
+        let e = err_of(&format!("{socket}on_stall=\"restart\"\n"));
+        assert!(
+            e.starts_with("device[0].on_stall:") && e.contains("cannot kill"),
+            "{e}"
+        );
+        let e = err_of(&format!("{exec}stall_ms=0\n"));
+        assert!(
+            e.starts_with("device[0].stall_ms: must be at least 1"),
+            "{e}"
+        );
+        let e = err_of(&format!("{exec}reply_timeout_ms=99999999999\n"));
+        assert!(
+            e.starts_with("device[0].reply_timeout_ms: must be at most"),
+            "{e}"
+        );
+        let e = err_of(&format!("{exec}on_stall=\"panic\"\n"));
+        assert!(e.contains("unknown variant `panic`"), "{e}");
+    }
+
+    #[test]
     fn restart_policy_defaults_to_always_and_is_checked() {
         let c = check(GOOD).unwrap();
         assert_eq!(c.devices[0].restart, RestartConfig::default());
@@ -734,7 +850,9 @@ socket = "/run/x.sock"
             c.devices[0].restart,
             RestartConfig {
                 policy: RestartPolicy::Always,
-                max_failures: Some(5)
+                max_failures: Some(5),
+                on_stall: StallPolicy::Wait,
+                ..RestartConfig::default()
             }
         );
         let c = check(&format!("{base}restart_max=2\n")).unwrap();

@@ -884,7 +884,14 @@ fn lab_linux_guest_mounts_virtio_fs_served_by_debians_virtiofsd() {
     );
     let lab = Lab::new(test).unwrap();
     let kernel = lab.kernel().clone();
-    let g = LinuxGuest::build(lab.work(), "fs", &kernel, &kernel.image, &["virtiofs"], VIRTIOFS_SCRIPT);
+    let g = LinuxGuest::build(
+        lab.work(),
+        "fs",
+        &kernel,
+        &kernel.image,
+        &["virtiofs"],
+        VIRTIOFS_SCRIPT,
+    );
     let dev = "[[device]]\nid = \"share0\"\nkind = \"fs\"\ntag = \"share\"\nsocket = \"/tmp/lab/virtiofsd.sock\"\n";
     lab.write("fs.toml", &g.spec(lab.work(), "fs", 2, 512, dev));
     // The share is a folder of the lab's tmpfs; after the guest ends, the lab prints the
@@ -906,8 +913,18 @@ for f in *; do echo "HOST-FILE $(sha256sum "$f")"; done
     run.expect_success();
     let out = GuestOutput::read(&run.work, "fs");
     let context = || format!("{:?}\n{}", out.result(), run.diagnostics());
-    assert_eq!(run.result("vm-fs").get("exit").map(String::as_str), Some("0"), "{}", context());
-    assert_eq!(out.result().get("status").map(String::as_str), Some("ok"), "{}", context());
+    assert_eq!(
+        run.result("vm-fs").get("exit").map(String::as_str),
+        Some("0"),
+        "{}",
+        context()
+    );
+    assert_eq!(
+        out.result().get("status").map(String::as_str),
+        Some("ok"),
+        "{}",
+        context()
+    );
     let host: std::collections::BTreeMap<String, String> = run
         .console
         .lines()
@@ -922,7 +939,16 @@ for f in *; do echo "HOST-FILE $(sha256sum "$f")"; done
     assert_eq!(guest.len(), 6, "{}", context());
     for (sum, path) in guest {
         let name = path.trim_start_matches("/mnt/");
-        assert_eq!(host.get(name), Some(&sum), "{name} differs between guest and lab\n{}", context());
+        assert_eq!(
+            host.get(name),
+            Some(&sum),
+            "{name} differs between guest and lab\n{}",
+            context()
+        );
     }
-    assert!(!host.contains_key("f65536"), "the rename left the old name\n{}", context());
+    assert!(
+        !host.contains_key("f65536"),
+        "the rename left the old name\n{}",
+        context()
+    );
 }

@@ -133,6 +133,9 @@ pub struct Backend {
     process: Option<BackendProcess>,
 }
 
+/// How long [`Backend::kill_and_describe`] waits for a SIGKILLed backend to end.
+pub const FENCE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long [`Backend::stop_and_describe`] waits for a backend whose connection ended to
 /// exit by itself, and for the end of its stderr.
 const EXIT_WAIT: Duration = Duration::from_millis(200);
@@ -168,6 +171,38 @@ impl Backend {
         let tail = process.stderr.clone();
         drop(self);
         format!("{head}{}", tail_text(&tail.lines(EXIT_WAIT)))
+    }
+
+    /// Fences a backend that lives but does not serve: SIGKILL, then reap, so that it
+    /// can never complete a request after another backend got its rings. Says in one
+    /// line what happened, `why` first. A process that does not die within
+    /// [`FENCE_TIMEOUT`] (uninterruptible sleep in the kernel) is handed back: it is
+    /// not fenced yet. A `socket` backend cannot be fenced by the core: it is handed
+    /// back at once.
+    pub fn kill_and_describe(self, why: &str) -> Result<String, Backend> {
+        let Some(process) = &self.process else {
+            return Err(self);
+        };
+        let Some(status) = process.kill_and_reap(FENCE_TIMEOUT) else {
+            return Err(self);
+        };
+        let head = format!(
+            "backend {} (pid {}) {why}; it {}",
+            process.program().display(),
+            process.pid(),
+            describe_status(status)
+        );
+        let tail = process.stderr.clone();
+        drop(self);
+        Ok(format!("{head}{}", tail_text(&tail.lines(Duration::ZERO))))
+    }
+
+    /// Whether the spawned process has exited and been reaped (always false for a
+    /// `socket` backend).
+    pub fn is_reaped(&self) -> bool {
+        self.process
+            .as_ref()
+            .is_some_and(|p| p.try_exit_status().is_some())
     }
 
     /// The program, for messages (`None` for an attached backend).
@@ -593,6 +628,29 @@ impl BackendProcess {
         try_wait(&self.child)
     }
 
+    /// SIGKILL, then waits up to `timeout` for the process to end and reaps it; its
+    /// exit status, or `None` if it still has not ended.
+    pub fn kill_and_reap(&self, timeout: Duration) -> Option<ExitStatus> {
+        let mut child = self.child.lock().unwrap_or_else(|e| e.into_inner());
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        // Child::kill sends SIGKILL to our unreaped child (reaping happens only here,
+        // under this lock), so the pid cannot have been reused.
+        let _ = child.kill();
+        let deadline = Instant::now() + timeout;
+        let mut backoff = Backoff::new();
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            backoff.sleep(deadline);
+        }
+    }
+
     fn wait_for_socket(&self, timeout: Duration) -> Result<UnixStream, BackendError> {
         let deadline = Instant::now() + timeout;
         let mut backoff = Backoff::new();
@@ -744,6 +802,34 @@ mod tests {
     fn alive(pid: u32) -> bool {
         // SAFETY: signal 0 only checks that the pid exists.
         unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+    }
+
+    #[test]
+    fn a_stopped_backend_is_fenced_killed_and_reaped() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("d.sock");
+        let source = BackendSource::Exec(argv(&["python3", "-c", LISTENER]));
+        let (backend, _stream) = start_source("d", &source, &sock, dir.path()).unwrap();
+        let pid = backend.pid().unwrap();
+        // SAFETY: the pid is our unreaped child.
+        unsafe { libc::kill(pid as libc::pid_t, libc::SIGSTOP) };
+        let text = backend.kill_and_describe("stalled").unwrap();
+        assert!(
+            text.contains("stalled; it was killed by signal 9"),
+            "{text}"
+        );
+        assert!(!alive(pid), "reaped, not a zombie");
+        // A backend the core did not spawn cannot be fenced.
+        let listener = std::os::unix::net::UnixListener::bind(dir.path().join("s")).unwrap();
+        let (attached, _s) = start_source(
+            "d",
+            &BackendSource::Socket(dir.path().join("s")),
+            &sock,
+            dir.path(),
+        )
+        .unwrap();
+        assert!(attached.kill_and_describe("stalled").is_err());
+        drop(listener);
     }
 
     #[test]

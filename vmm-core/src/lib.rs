@@ -14,6 +14,7 @@ pub mod memory;
 pub mod probe;
 pub mod runner;
 pub mod runtime_dir;
+pub mod stall;
 pub mod supervisor;
 pub mod vcpu;
 pub mod vhost_user;

@@ -17,9 +17,18 @@
 //! 4. the new backend is brought up and the transport replays the driver's set-up to it
 //!    ([`VirtioMmioTransport::attach`]).
 //!
-//! A swap ([`BackendSupervisor::swap`]) starts the new backend first, then quiesces the
-//! old one (GET_VRING_BASE, waiting for its last requests), hands the state over the same
-//! way and stops the old one afterwards.
+//! A swap ([`BackendSupervisor::swap`], swap.rs) starts the new backend first, then
+//! quiesces the old one (GET_VRING_BASE, waiting for its last requests), hands the state
+//! over the same way and stops the old one afterwards.
+//!
+//! A backend that lives but does not serve (containment.rs): every started ring is
+//! sampled for stalls ([`crate::stall`]); a stalled `exec` backend is fenced — SIGKILL
+//! and reap — before the restart path above gives its rings to a new one
+//! (`on_stall = "restart"`), or waited for (`"wait"`). A backend that misses a
+//! round-trip deadline or breaks the protocol has its connection shut down, which this
+//! thread sees as a hang-up; it is then fenced the same way. The thread also runs the
+//! activation round trips the guest's DRIVER_OK asks for, so that no vCPU waits on a
+//! backend.
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -29,15 +38,19 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use plexvm_protocol::api::{BackendState, DeviceInfo};
-use plexvm_protocol::spec::{
-    BackendSource, DeviceConfig, DeviceKind, RestartConfig, RestartPolicy,
-};
+use plexvm_protocol::spec::{BackendSource, DeviceConfig, RestartConfig, RestartPolicy};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+mod containment;
+mod swap;
+
+use containment::Loss;
 
 use crate::backend::{self, Backend};
 use crate::error_chain;
 use crate::memory::GuestMemory;
+use crate::stall::StallDetector;
 use crate::vhost_user::VhostUserFrontend;
 use crate::virtio::{self, BackendWatch, RingTracker, SharedBackendState, VirtioMmioTransport};
 
@@ -106,6 +119,7 @@ pub struct DeviceHealth {
     down_total: Duration,
     last_stall: Option<Duration>,
     inflight_state_known: bool,
+    stalled_since: Option<Instant>,
 }
 
 impl Default for DeviceHealth {
@@ -118,6 +132,7 @@ impl Default for DeviceHealth {
             down_total: Duration::ZERO,
             last_stall: None,
             inflight_state_known: true,
+            stalled_since: None,
         }
     }
 }
@@ -132,6 +147,9 @@ impl DeviceHealth {
         info.down_ms = (self.down_total + current).as_millis() as u64;
         info.last_stall_ms = self.last_stall.map(|d| d.as_millis() as u64);
         info.inflight_state_known = self.inflight_state_known;
+        if info.state == BackendState::Stalled {
+            info.stalled_ms = self.stalled_since.map(|t| t.elapsed().as_millis() as u64);
+        }
     }
 }
 
@@ -182,6 +200,7 @@ impl BackendSupervisor {
         let mut health = Vec::new();
         let mut supervised = Vec::new();
         for d in devices {
+            lock(&d.transport).set_activator(wake.clone());
             let h = Arc::new(Mutex::new(DeviceHealth::default()));
             health.push((d.config.id.clone(), h.clone()));
             supervised.push(Device::new(d, h, &runtime_dir));
@@ -195,6 +214,7 @@ impl BackendSupervisor {
             base_dir,
             quiet_samples: 0,
             next_sample: Instant::now(),
+            next_stall_check: Instant::now(),
         };
         for i in 0..inner.devices.len() {
             inner.watch(i);
@@ -294,7 +314,8 @@ fn token(device: usize, generation: u32, kind: u64) -> u64 {
 /// The supervisor's view of one device.
 struct Device {
     id: String,
-    kind: DeviceKind,
+    /// Queues a backend serves without VHOST_USER_PROTOCOL_F_MQ (the device-type table).
+    backend_queues: usize,
     transport: Arc<Mutex<VirtioMmioTransport>>,
     state: SharedBackendState,
     source: BackendSource,
@@ -312,6 +333,13 @@ struct Device {
     mem: GuestMemory,
     /// Whether the attached backend lacks an in-flight buffer (its rings are sampled).
     sampled: bool,
+    stall: StallDetector,
+    /// A backend that could not be killed yet (uninterruptible sleep): the device is
+    /// given to no other backend until it has died.
+    unfenced: Option<Backend>,
+    /// What the lost backend did to end its connection (a missed deadline, a bad
+    /// reply), if that is how it was lost.
+    missed: Option<String>,
 }
 
 impl Device {
@@ -334,7 +362,7 @@ impl Device {
         };
         Device {
             id: d.config.id.clone(),
-            kind: d.config.kind,
+            backend_queues: virtio::DeviceType::of(&d.config).backend_queues,
             transport: d.transport,
             state,
             source: d.config.backend,
@@ -350,6 +378,9 @@ impl Device {
             tracker,
             mem,
             sampled: false,
+            stall: StallDetector::default(),
+            unfenced: None,
+            missed: None,
         }
     }
 }
@@ -364,6 +395,7 @@ struct Supervisor {
     /// Ring samples in a row that saw nothing pass.
     quiet_samples: u32,
     next_sample: Instant,
+    next_stall_check: Instant,
 }
 
 impl Supervisor {
@@ -385,12 +417,14 @@ impl Supervisor {
                     if !self.take_commands() {
                         return;
                     }
+                    self.activate_pending();
                 } else {
                     self.on_event(event.data());
                 }
             }
             self.restart_due();
             self.sample_due();
+            self.check_stalls();
         }
     }
 
@@ -402,10 +436,16 @@ impl Supervisor {
             .iter()
             .any(Device::rings_sampled)
             .then_some(self.next_sample);
+        let stalls = self
+            .devices
+            .iter()
+            .any(|d| d.watch.is_some())
+            .then_some(self.next_stall_check);
         self.devices
             .iter()
             .filter_map(|d| d.retry_at)
             .chain(sample)
+            .chain(stalls)
             // Rounded up: a sample due in 0.4 ms must not become a 0 ms timeout that
             // spins until it is due.
             .map(|t| {
@@ -440,6 +480,13 @@ impl Supervisor {
             SAMPLE_BUSY
         };
         self.next_sample = now + every;
+    }
+
+    /// Hands the rings to the backends of devices whose driver has just set DRIVER_OK.
+    fn activate_pending(&mut self) {
+        for d in &self.devices {
+            lock(&d.transport).activate_pending();
+        }
     }
 
     /// Runs queued commands; false once the command channel is closed.
@@ -521,23 +568,34 @@ impl Supervisor {
 
     /// The backend of device `index` went away.
     fn on_lost(&mut self, index: usize) {
+        self.lose(index, Loss::Gone);
+    }
+
+    /// Device `index` loses its backend (gone, or stalled and to be fenced).
+    fn lose(&mut self, index: usize, loss: Loss) {
         self.unwatch(index);
         let dev = &mut self.devices[index];
         if dev.state.is_retired() {
             return;
         }
-        let backend = lock(&dev.transport).detach();
-        let reason = backend.map_or_else(
-            || "the backend went away".to_string(),
-            Backend::stop_and_describe,
-        );
+        dev.stall.reset();
+        let backend = {
+            let mut t = lock(&dev.transport);
+            dev.missed = t.broken();
+            t.detach()
+        };
+        let reason = match backend {
+            Some(b) => self.end_backend(index, b, &loss),
+            None => "the backend went away".to_string(),
+        };
+        let dev = &mut self.devices[index];
         let healthy = dev.up_since.is_some_and(|t| t.elapsed() >= HEALTHY_UPTIME);
         dev.streak = if healthy { 0 } else { dev.streak + 1 };
         dev.up_since = None;
         {
             let mut h = lock(&dev.health);
             h.last_exit = Some(reason.clone());
-            h.down_since = Some(Instant::now());
+            h.down_since = Some(h.stalled_since.take().unwrap_or_else(Instant::now));
         }
         let plan = self.schedule(index);
         tracing::warn!(
@@ -590,19 +648,24 @@ impl Supervisor {
         let dev = &self.devices[index];
         let (backend, stream) = backend::start_source(&dev.id, source, socket, &self.base_dir)
             .map_err(|e| error_chain(&e))?;
-        let frontend =
-            VhostUserFrontend::connect(&dev.id, stream, virtio::default_queue_count(dev.kind))
-                .map_err(|e| format!("vhost-user bring-up: {}", error_chain(&e)))?;
+        let frontend = VhostUserFrontend::connect(&dev.id, stream, dev.backend_queues)
+            .map_err(|e| format!("vhost-user bring-up: {}", error_chain(&e)))?;
+        frontend.set_reply_timeout(dev.restart.reply_timeout);
         lock(&dev.transport).check_compatible(&frontend)?;
         Ok((backend, frontend))
     }
 
     /// One restart attempt of device `index`, which is down.
     fn restart(&mut self, index: usize) {
-        let dev = &self.devices[index];
-        if dev.state.is_retired() {
+        if self.devices[index].state.is_retired() {
             return;
         }
+        if !self.fenced(index) {
+            let dev = &mut self.devices[index];
+            dev.retry_at = Some(Instant::now() + BACKOFF_MAX);
+            return;
+        }
+        let dev = &self.devices[index];
         dev.state.set(BackendState::Reconnecting);
         let (source, socket) = (dev.source.clone(), dev.exec_socket.clone());
         let result = self
@@ -689,103 +752,6 @@ impl Supervisor {
             tracing::debug!("device {id}: restart failed: {reason}; {plan}");
         }
     }
-
-    /// A swap of device `index` to `source`.
-    fn swap(&mut self, index: usize, source: BackendSource) -> Result<(), SupervisorError> {
-        let dev = &mut self.devices[index];
-        if dev.state.is_retired() {
-            return Err(SupervisorError::Stopped);
-        }
-        let socket = backend::spawn_socket(&self.runtime_dir, &dev.id, dev.spawns);
-        dev.spawns += 1;
-        if lock(&dev.transport).is_attached() {
-            self.hand_over(index, source, socket)
-        } else {
-            self.swap_down(index, source, socket)
-        }
-    }
-
-    /// A swap of a device that is down: the new source becomes the one to (re)start, and
-    /// is started right now.
-    fn swap_down(
-        &mut self,
-        index: usize,
-        source: BackendSource,
-        socket: PathBuf,
-    ) -> Result<(), SupervisorError> {
-        let dev = &mut self.devices[index];
-        dev.source = source;
-        dev.exec_socket = socket;
-        dev.streak = 0;
-        dev.retry_at = None;
-        self.restart(index);
-        let dev = &self.devices[index];
-        match dev.state.get() {
-            BackendState::Up => Ok(()),
-            _ => Err(SupervisorError::Refused {
-                device: dev.id.clone(),
-                reason: lock(&dev.health).last_exit.clone().unwrap_or_default(),
-            }),
-        }
-    }
-
-    /// A swap of a device that is up: start the new backend, quiesce the old one, hand
-    /// the device over, stop the old one.
-    fn hand_over(
-        &mut self,
-        index: usize,
-        source: BackendSource,
-        socket: PathBuf,
-    ) -> Result<(), SupervisorError> {
-        let id = self.devices[index].id.clone();
-        let refused = |reason: String| SupervisorError::Refused {
-            device: id.clone(),
-            reason,
-        };
-        let (backend, frontend) = self.bring_up(index, &source, &socket).map_err(refused)?;
-        // Not watched while it is stopped on purpose: that is no crash.
-        self.unwatch(index);
-        let (result, old) = {
-            let mut t = lock(&self.devices[index].transport);
-            let drained = t.quiesce();
-            let old = t.detach();
-            let result = t.attach(frontend).map(|known| {
-                t.install_backend(backend);
-                drained || known
-            });
-            (result, old)
-        };
-        // The old backend is stopped only now, outside the device lock.
-        drop(old);
-        let dev = &mut self.devices[index];
-        match result {
-            Ok(known) => {
-                dev.source = source;
-                dev.exec_socket = socket;
-                dev.streak = 0;
-                dev.up_since = Some(Instant::now());
-                lock(&dev.health).inflight_state_known = known;
-                self.watch(index);
-                let pid = lock(&self.devices[index].transport).info().backend_pid;
-                let pid = pid.map_or_else(|| "attached".to_string(), |p| format!("pid {p}"));
-                tracing::info!("device {id}: backend swapped ({pid})");
-                Ok(())
-            }
-            Err(e) => {
-                // Both are gone now; the old source is restarted as after a crash.
-                let reason = format!("the new backend failed to take over: {}", error_chain(&e));
-                dev.up_since = None;
-                {
-                    let mut h = lock(&dev.health);
-                    h.last_exit = Some(reason.clone());
-                    h.down_since = Some(Instant::now());
-                }
-                let plan = self.schedule(index);
-                tracing::warn!("device {id}: {reason}; {plan}");
-                Err(refused(reason))
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -832,6 +798,7 @@ mod tests {
             last_exit: None,
             down_ms: 0,
             last_stall_ms: None,
+            stalled_ms: None,
             inflight_tracking: false,
             inflight_state_known: true,
         };

@@ -117,6 +117,7 @@ fn sample_vm() -> VmInfo {
             .map(|_| "backend plexvm-blk (pid 6) was killed by signal 9 (SIGKILL)".into()),
         down_ms: 40,
         last_stall_ms: pid.map(|_| 12),
+        stalled_ms: pid.map(|_| 1500),
         inflight_tracking: pid.is_some(),
         inflight_state_known: true,
     };
@@ -259,6 +260,7 @@ fn all_backend_states() -> Vec<BackendState> {
         BackendState::Up,
         BackendState::Down,
         BackendState::Reconnecting,
+        BackendState::Stalled,
         BackendState::Failed,
     ];
     for s in &all {
@@ -266,6 +268,7 @@ fn all_backend_states() -> Vec<BackendState> {
             BackendState::Up
             | BackendState::Down
             | BackendState::Reconnecting
+            | BackendState::Stalled
             | BackendState::Failed => {}
         }
     }

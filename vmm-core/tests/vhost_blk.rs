@@ -329,3 +329,33 @@ fn a_ring_outside_ram_fails_the_device_not_the_core() {
     d.w(0x70, 0);
     driver_init(&mut d);
 }
+
+#[test]
+fn driver_ok_makes_no_round_trip_on_the_vcpu_thread() {
+    let mut d = start_device();
+    let pid = d.t().info().backend_pid.unwrap();
+    let activator = Arc::new(vmm_sys_util::eventfd::EventFd::new(0).unwrap());
+    d.t().set_activator(activator.clone());
+    d.t().set_reply_timeout(Duration::from_millis(100));
+    // SAFETY: the pid is the backend this test spawned, not reaped yet.
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    // The whole driver initialisation against a stopped backend: every register
+    // access returns (config reads come from the core's copy, DRIVER_OK only checks
+    // the rings and wakes the activator), and no round trip missed its deadline.
+    driver_init(&mut d);
+    let mut capacity = [0u8; 8];
+    d.t().mmio_read(0x100, &mut capacity);
+    assert_eq!(
+        u64::from_le_bytes(capacity),
+        IMAGE_SECTORS,
+        "config from the copy"
+    );
+    assert_eq!(d.t().broken(), None, "no round trip was made on the vCPU");
+    assert_eq!(activator.read().unwrap(), 1, "the activation was handed on");
+    // Off the vCPU, the activation meets the stopped backend and its deadline.
+    d.t().activate_pending();
+    let broken = d.t().broken().unwrap_or_default();
+    assert!(broken.starts_with("did not answer "), "{broken}");
+    // SAFETY: as above.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}

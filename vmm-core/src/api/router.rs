@@ -217,6 +217,7 @@ mod tests {
                 last_exit: None,
                 down_ms: 0,
                 last_stall_ms: None,
+                stalled_ms: None,
                 inflight_tracking: false,
                 inflight_state_known: true,
             })

@@ -1,8 +1,10 @@
 //! [`VhostUserFrontend`]: bring-up, activation and stop of one vhost-user backend.
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::Duration;
 
 use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight};
 use vhost::vhost_user::{Frontend, VhostUserFrontend as _, VhostUserProtocolFeatures};
@@ -10,6 +12,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vm_memory::{GuestAddress, GuestMemoryBackend as _, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::deadline::RoundTripClock;
 use crate::memory::GuestMemory;
 use crate::virtio::state::{DeviceState, QueueState};
 use crate::virtio::{MAX_QUEUES, VHOST_USER_F_PROTOCOL_FEATURES};
@@ -54,6 +57,13 @@ pub enum FrontendError {
         #[source]
         source: vhost::Error,
     },
+    /// The connection was ended: the backend missed a deadline or broke the
+    /// protocol. It is treated as gone and the connection is not used again.
+    #[error("the backend {reason}")]
+    Broken {
+        /// What the backend did.
+        reason: String,
+    },
     /// GET_QUEUE_NUM answered 0.
     #[error("the backend serves no queues")]
     NoQueues,
@@ -72,28 +82,109 @@ pub enum FrontendError {
         /// Its length in bytes.
         len: u64,
     },
+    /// The socket could not be duplicated for the deadline watchdog.
+    #[error("cannot watch the backend socket")]
+    Socket(#[source] std::io::Error),
     /// A guest RAM region cannot be shared (not file-backed).
     #[error("guest RAM cannot be shared with the backend")]
     Memory(#[source] vhost::Error),
     /// The transport gave fewer eventfds than started queues.
     #[error("queue {0} has no kick or call eventfd")]
     MissingEventFd(usize),
-    /// GET_INFLIGHT_FD answered with an empty buffer.
-    #[error("the backend gave no in-flight buffer")]
+    /// GET_INFLIGHT_FD answered with an empty or oversized buffer.
+    #[error("the backend gave no usable in-flight buffer")]
     NoInflightBuffer,
+    /// The backend's in-flight buffer could not be copied into a sealed memfd.
+    #[error("cannot copy the backend's in-flight buffer")]
+    InflightCopy(#[source] std::io::Error),
 }
 
-fn request<T>(request: &'static str, r: vhost::Result<T>) -> Result<T, FrontendError> {
-    r.map_err(|source| FrontendError::Request { request, source })
+/// The largest in-flight buffer the core keeps: the spec's layout for 64 queues of
+/// 32768 descriptors is far below this; a backend that asks for more is refused.
+const MAX_INFLIGHT_SIZE: u64 = 256 << 20;
+
+/// The backend's in-flight buffer, copied into a memfd of the core's that is sealed
+/// against resizing ([`crate::memory::SHARED_SEALS`]). The backend made its own fd
+/// and may truncate it at will; every backend after it (and this one, through
+/// SET_INFLIGHT_FD) gets the core's copy, which no backend can shrink under the
+/// next one.
+fn sealed_copy(file: &File, info: &VhostUserInflight) -> Result<File, FrontendError> {
+    use std::os::unix::fs::FileExt;
+    let size = info.mmap_size;
+    let copy = crate::memory::sealed_memfd("plexvm-inflight", size)
+        .map_err(|e| FrontendError::InflightCopy(std::io::Error::other(crate::error_chain(&e))))?;
+    // pread/pwrite: the backend's fd shares its file offset with the backend.
+    let mut chunk = vec![0u8; 64 << 10];
+    let mut done = 0u64;
+    while done < size {
+        let n = chunk.len().min((size - done) as usize);
+        let at = info
+            .mmap_offset
+            .checked_add(done)
+            .ok_or(FrontendError::NoInflightBuffer)?;
+        file.read_exact_at(&mut chunk[..n], at)
+            .map_err(FrontendError::InflightCopy)?;
+        copy.write_all_at(&chunk[..n], done)
+            .map_err(FrontendError::InflightCopy)?;
+        done += n as u64;
+    }
+    Ok(copy)
+}
+
+/// Runs one round trip on `inner` under `clock`'s deadline. A reply that breaks the
+/// protocol (wrong request code, size or flags, oversized, a partial message) ends the
+/// connection like a missed deadline: the backend is then out of step with the core
+/// and is treated as gone. A refusal (REPLY_ACK with an error) is not.
+fn call<T>(
+    clock: &RoundTripClock,
+    inner: &mut Frontend,
+    request: &'static str,
+    op: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
+) -> Result<T, FrontendError> {
+    if let Some(reason) = clock.broken() {
+        return Err(FrontendError::Broken { reason });
+    }
+    clock.run(request, || op(inner)).map_err(|source| {
+        if let Some(reason) = clock.broken() {
+            return FrontendError::Broken { reason };
+        }
+        if breaks_protocol(&source) {
+            let reason = format!("answered {request} with a bad reply ({source})");
+            clock.break_off(reason.clone());
+            return FrontendError::Broken { reason };
+        }
+        FrontendError::Request { request, source }
+    })
+}
+
+/// Whether a failed round trip leaves the connection unusable (see [`call`]).
+fn breaks_protocol(e: &vhost::Error) -> bool {
+    use vhost::vhost_user::Error as E;
+    match e {
+        vhost::Error::VhostUserProtocol(e) => !matches!(
+            e,
+            E::BackendInternalError
+                | E::InvalidParam
+                | E::InvalidOperation(_)
+                | E::InactiveFeature(_)
+                | E::InactiveOperation(_)
+                | E::FrontendInternalError
+        ),
+        _ => false,
+    }
 }
 
 /// The frontend side of one vhost-user connection.
 pub struct VhostUserFrontend {
     device: String,
     inner: Frontend,
+    clock: Arc<RoundTripClock>,
     backend_features: u64,
     protocol_features: VhostUserProtocolFeatures,
     queue_count: usize,
+    /// The core's copy of config space from offset 0 ([`Self::fetch_config`]): guest
+    /// reads inside it make no round trip.
+    config: Vec<u8>,
 }
 
 impl std::fmt::Debug for VhostUserFrontend {
@@ -121,23 +212,27 @@ impl VhostUserFrontend {
         default_queues: usize,
     ) -> Result<Self, FrontendError> {
         let default_queues = default_queues.clamp(1, MAX_QUEUES);
+        let clock = RoundTripClock::new(OwnedFd::from(
+            stream.try_clone().map_err(FrontendError::Socket)?,
+        ));
         let mut inner = Frontend::from_stream(stream, default_queues as u64);
-        let backend_features = request("GET_FEATURES", inner.get_features())?;
+        let backend_features = call(&clock, &mut inner, "GET_FEATURES", |f| f.get_features())?;
         let mut protocol_features = VhostUserProtocolFeatures::empty();
         if backend_features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
-            let offered = request("GET_PROTOCOL_FEATURES", inner.get_protocol_features())?;
+            let offered = call(&clock, &mut inner, "GET_PROTOCOL_FEATURES", |f| {
+                f.get_protocol_features()
+            })?;
             protocol_features = offered & SUPPORTED_PROTOCOL_FEATURES;
-            request(
-                "SET_PROTOCOL_FEATURES",
-                inner.set_protocol_features(protocol_features),
-            )?;
+            call(&clock, &mut inner, "SET_PROTOCOL_FEATURES", |f| {
+                f.set_protocol_features(protocol_features)
+            })?;
             if protocol_features.contains(VhostUserProtocolFeatures::REPLY_ACK) {
                 inner.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
             }
         }
         let mut queue_count = default_queues;
         if protocol_features.contains(VhostUserProtocolFeatures::MQ) {
-            let n = request("GET_QUEUE_NUM", inner.get_queue_num())?;
+            let n = call(&clock, &mut inner, "GET_QUEUE_NUM", |f| f.get_queue_num())?;
             if n == 0 {
                 return Err(FrontendError::NoQueues);
             }
@@ -148,14 +243,35 @@ impl VhostUserFrontend {
             }
             queue_count = n.min(MAX_QUEUES as u64) as usize;
         }
-        request("SET_OWNER", inner.set_owner())?;
+        call(&clock, &mut inner, "SET_OWNER", |f| f.set_owner())?;
         Ok(VhostUserFrontend {
             device: device.to_string(),
             inner,
+            clock,
             backend_features,
             protocol_features,
             queue_count,
+            config: Vec::new(),
         })
+    }
+
+    fn call<T>(
+        &mut self,
+        request: &'static str,
+        op: impl FnOnce(&mut Frontend) -> vhost::Result<T>,
+    ) -> Result<T, FrontendError> {
+        call(&self.clock, &mut self.inner, request, op)
+    }
+
+    /// Sets the deadline of every later round trip (`reply_timeout_ms`).
+    pub fn set_reply_timeout(&self, timeout: Duration) {
+        self.clock.set_timeout(timeout);
+    }
+
+    /// Why the connection was ended (a missed deadline, a reply that broke the
+    /// protocol), once it was: the backend counts as gone.
+    pub fn broken(&self) -> Option<String> {
+        self.clock.broken()
     }
 
     /// The device id, for messages.
@@ -219,11 +335,17 @@ impl VhostUserFrontend {
             queue_size,
             ..Default::default()
         };
-        let (info, file) = request("GET_INFLIGHT_FD", self.inner.get_inflight_fd(&ask))?;
-        if info.mmap_size == 0 {
+        let (info, file) = self.call("GET_INFLIGHT_FD", |f| f.get_inflight_fd(&ask))?;
+        if info.mmap_size == 0 || info.mmap_size > MAX_INFLIGHT_SIZE {
             return Err(FrontendError::NoInflightBuffer);
         }
-        Ok(InflightBuffer { file, info })
+        Ok(InflightBuffer {
+            file: sealed_copy(&file, &info)?,
+            info: VhostUserInflight {
+                mmap_offset: 0,
+                ..info
+            },
+        })
     }
     /// Whether rings are enabled and disabled explicitly (SET_VRING_ENABLE): when
     /// VHOST_USER_F_PROTOCOL_FEATURES is negotiated (vhost-user spec, "Ring states").
@@ -244,35 +366,55 @@ impl VhostUserFrontend {
                 .get(i)
                 .zip(errs.get(i))
                 .ok_or(FrontendError::MissingEventFd(i))?;
-            request("SET_VRING_CALL", self.inner.set_vring_call(i, call))?;
-            request("SET_VRING_ERR", self.inner.set_vring_err(i, err))?;
+            self.call("SET_VRING_CALL", |f| f.set_vring_call(i, call))?;
+            self.call("SET_VRING_ERR", |f| f.set_vring_err(i, err))?;
         }
         Ok(())
     }
 
-    /// Reads `data.len()` bytes of config space at `offset`.
+    /// Takes the core's copy of the first `size` bytes of config space (GET_CONFIG),
+    /// off the vCPU threads while the core connects, so that the guest's config reads
+    /// are served without waiting on the backend. Refreshed on every reconnect.
+    pub fn fetch_config(&mut self, size: usize) -> Result<(), FrontendError> {
+        if size == 0 {
+            return Ok(());
+        }
+        let mut buf = vec![0u8; size];
+        self.config.clear();
+        self.read_config(0, &mut buf)?;
+        self.config = buf;
+        Ok(())
+    }
+
+    /// Reads `data.len()` bytes of config space at `offset`: from the core's copy when
+    /// it holds them, else from the backend (and the copy grows).
     ///
     /// Always asks from offset 0: libvhost-user based backends (qemu-storage-daemon)
     /// ignore GET_CONFIG's offset and return the start of config space, as QEMU only ever
     /// asks for it whole.
     pub fn read_config(&mut self, offset: u32, data: &mut [u8]) -> Result<(), FrontendError> {
+        let start = offset as usize;
+        let size = start + data.len();
+        if let Some(bytes) = self.config.get(start..size) {
+            data.copy_from_slice(bytes);
+            return Ok(());
+        }
         if !self
             .protocol_features
             .contains(VhostUserProtocolFeatures::CONFIG)
         {
             return Err(FrontendError::NoConfig);
         }
-        let start = offset as usize;
-        let size = start + data.len();
         let buf = vec![0u8; size];
-        let (_, reply) = request(
-            "GET_CONFIG",
-            self.inner
-                .get_config(0, size as u32, VhostUserConfigFlags::empty(), &buf),
-        )?;
+        let (_, reply) = self.call("GET_CONFIG", |f| {
+            f.get_config(0, size as u32, VhostUserConfigFlags::empty(), &buf)
+        })?;
         // The vhost crate has checked that the reply is exactly `size` bytes.
         if let Some(bytes) = reply.get(start..size) {
             data.copy_from_slice(bytes);
+            if reply.len() > self.config.len() {
+                self.config = reply;
+            }
         }
         Ok(())
     }
@@ -285,11 +427,15 @@ impl VhostUserFrontend {
         {
             return Err(FrontendError::NoConfig);
         }
-        request(
-            "SET_CONFIG",
-            self.inner
-                .set_config(offset, VhostUserConfigFlags::empty(), data),
-        )
+        self.call("SET_CONFIG", |f| {
+            f.set_config(offset, VhostUserConfigFlags::empty(), data)
+        })?;
+        // The copy follows what the driver wrote (the backend accepted it).
+        let start = offset as usize;
+        if let Some(bytes) = self.config.get_mut(start..start + data.len()) {
+            bytes.copy_from_slice(data);
+        }
+        Ok(())
     }
 
     /// Starts the device as the driver set it up (at DRIVER_OK, and when replaying to a
@@ -314,34 +460,27 @@ impl VhostUserFrontend {
         }
         let features =
             state.driver_features | (self.backend_features & VHOST_USER_F_PROTOCOL_FEATURES);
-        request("SET_FEATURES", self.inner.set_features(features))?;
+        self.call("SET_FEATURES", |f| f.set_features(features))?;
         if let Some(buffer) = inflight.filter(|_| self.supports_inflight()) {
-            request(
-                "SET_INFLIGHT_FD",
-                self.inner
-                    .set_inflight_fd(&buffer.info, buffer.file.as_raw_fd()),
-            )?;
+            self.call("SET_INFLIGHT_FD", |f| {
+                f.set_inflight_fd(&buffer.info, buffer.file.as_raw_fd())
+            })?;
         }
-        request(
-            "SET_MEM_TABLE",
-            self.inner.set_mem_table(&memory_table(mem)?),
-        )?;
+        let table = memory_table(mem)?;
+        self.call("SET_MEM_TABLE", |f| f.set_mem_table(&table))?;
         for (i, config, base, kick, call) in rings {
-            request(
-                "SET_VRING_NUM",
-                self.inner.set_vring_num(i, config.queue_size),
-            )?;
-            request("SET_VRING_BASE", self.inner.set_vring_base(i, base))?;
-            request("SET_VRING_ADDR", self.inner.set_vring_addr(i, &config))?;
+            self.call("SET_VRING_NUM", |f| f.set_vring_num(i, config.queue_size))?;
+            self.call("SET_VRING_BASE", |f| f.set_vring_base(i, base))?;
+            self.call("SET_VRING_ADDR", |f| f.set_vring_addr(i, &config))?;
             if let Some(q) = state.queues.get_mut(i) {
                 q.started = true;
             }
-            request("SET_VRING_KICK", self.inner.set_vring_kick(i, kick))?;
-            request("SET_VRING_CALL", self.inner.set_vring_call(i, call))?;
+            self.call("SET_VRING_KICK", |f| f.set_vring_kick(i, kick))?;
+            self.call("SET_VRING_CALL", |f| f.set_vring_call(i, call))?;
         }
         if self.uses_vring_enable() {
             for (i, _) in state.queues.iter().enumerate().filter(|(_, q)| q.started) {
-                request("SET_VRING_ENABLE", self.inner.set_vring_enable(i, true))?;
+                self.call("SET_VRING_ENABLE", |f| f.set_vring_enable(i, true))?;
             }
         }
         Ok(())
@@ -361,7 +500,7 @@ impl VhostUserFrontend {
         {
             return Ok(());
         }
-        request("GET_FEATURES", self.inner.get_features()).map(|_| ())
+        self.call("GET_FEATURES", |f| f.get_features()).map(|_| ())
     }
 
     /// Stops every started ring: SET_VRING_ENABLE(0) with protocol features, then
@@ -378,14 +517,19 @@ impl VhostUserFrontend {
         {
             q.started = false;
             if enable {
-                if let Err(e) = self.inner.set_vring_enable(i, false) {
+                let r = call(&self.clock, &mut self.inner, "SET_VRING_ENABLE", |f| {
+                    f.set_vring_enable(i, false)
+                });
+                if let Err(e) = r {
                     tracing::warn!(
                         "device {}: SET_VRING_ENABLE(0) of queue {i} failed: {e}",
                         self.device
                     );
                 }
             }
-            match self.inner.get_vring_base(i) {
+            match call(&self.clock, &mut self.inner, "GET_VRING_BASE", |f| {
+                f.get_vring_base(i)
+            }) {
                 Ok(base) => q.base = base as u16,
                 Err(e) => {
                     tracing::warn!(
@@ -396,6 +540,15 @@ impl VhostUserFrontend {
             }
         }
     }
+}
+
+/// Checks that every ready ring lies in guest RAM, without a round trip: what
+/// [`VhostUserFrontend::activate`] checks first.
+pub fn check_rings(state: &DeviceState, mem: &GuestMemory) -> Result<(), FrontendError> {
+    for (i, q) in state.ready_queues() {
+        ring_config(mem, i, q)?;
+    }
+    Ok(())
 }
 
 /// The memory table: every RAM region with the core's own mapping address and its memfd.
@@ -448,6 +601,39 @@ fn host_address(mem: &GuestMemory, addr: u64, len: u64) -> Option<u64> {
 mod tests {
     use super::*;
     use crate::memory::create_guest_memory;
+
+    #[test]
+    fn the_inflight_buffer_is_kept_as_a_sealed_copy() {
+        use std::os::unix::fs::FileExt;
+        // An ordinary (unsealed) memfd of the backend, with the buffer at an offset.
+        let backend = tempfile::tempfile().unwrap();
+        backend.set_len(8192).unwrap();
+        backend.write_all_at(b"inflight", 4096).unwrap();
+        let info = VhostUserInflight {
+            mmap_size: 4096,
+            mmap_offset: 4096,
+            num_queues: 1,
+            queue_size: 256,
+        };
+        let copy = sealed_copy(&backend, &info).unwrap();
+        let mut head = [0u8; 8];
+        copy.read_exact_at(&mut head, 0).unwrap();
+        assert_eq!(&head, b"inflight");
+        assert_eq!(
+            copy.set_len(0).unwrap_err().raw_os_error(),
+            Some(libc::EPERM)
+        );
+        assert_eq!(copy.metadata().unwrap().len(), 4096);
+        // A buffer announced larger than the fd holds is refused, not padded.
+        let short = VhostUserInflight {
+            mmap_size: 8192,
+            ..info
+        };
+        assert!(matches!(
+            sealed_copy(&backend, &short),
+            Err(FrontendError::InflightCopy(_))
+        ));
+    }
 
     #[test]
     fn host_address_requires_the_whole_range_in_one_region() {

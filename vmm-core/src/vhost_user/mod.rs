@@ -6,6 +6,11 @@
 //! pitfalls"). It keeps no vring state of its own: that lives in the transport
 //! ([`crate::virtio::DeviceState`]) so it can be replayed to a reconnected backend.
 
+mod deadline;
 mod frontend;
 
-pub use frontend::{FrontendError, InflightBuffer, VhostUserFrontend, SUPPORTED_PROTOCOL_FEATURES};
+pub use deadline::DEFAULT_REPLY_TIMEOUT;
+
+pub use frontend::{
+    check_rings, FrontendError, InflightBuffer, VhostUserFrontend, SUPPORTED_PROTOCOL_FEATURES,
+};

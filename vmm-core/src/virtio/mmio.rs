@@ -26,6 +26,7 @@ use super::{
 use crate::backend::{Backend, BackendExitWatch};
 use crate::devices::MmioDevice;
 use crate::memory::GuestMemory;
+use crate::stall::RingProgress;
 use crate::vhost_user::{FrontendError, InflightBuffer, VhostUserFrontend};
 
 /// Errors setting up a transport.
@@ -102,6 +103,11 @@ struct VhostUserDevice {
     /// The config space the frontend serves itself ([`DeviceType::config`]): read from
     /// here, writes ignored (the fs tag and the vsock CID are read-only, 5.10.4, 5.11.4).
     frontend_config: Option<Vec<u8>>,
+    /// Wakes the thread that runs activations ([`VirtioMmioTransport::set_activator`]);
+    /// without one, DRIVER_OK activates on the writing vCPU.
+    activator: Option<Arc<EventFd>>,
+    /// DRIVER_OK was accepted and the rings still have to be handed to the backend.
+    activation_pending: bool,
 }
 
 impl VhostUserDevice {
@@ -113,7 +119,7 @@ impl VhostUserDevice {
     fn backend_gone(&self) -> bool {
         self.frontend
             .as_ref()
-            .is_none_or(VhostUserFrontend::is_hung_up)
+            .is_none_or(|f| f.broken().is_some() || f.is_hung_up())
     }
 
     /// Starts the ready rings on the attached backend, with the device's in-flight
@@ -219,6 +225,14 @@ impl DeviceOps for VhostUserDevice {
     }
 
     fn activate(&mut self, state: &mut DeviceState) -> Result<(), FrontendError> {
+        if let Some(activator) = &self.activator {
+            // No round trip on the vCPU: what the guest can get wrong is checked here,
+            // the backend is told on the supervisor thread (activate_pending).
+            crate::vhost_user::check_rings(state, &self.mem)?;
+            self.activation_pending = self.frontend.is_some();
+            let _ = activator.write(1);
+            return Ok(());
+        }
         match self.start_rings(state) {
             // The backend died under the driver: the supervisor replays the activation
             // to the next one, the driver need not know.
@@ -231,6 +245,7 @@ impl DeviceOps for VhostUserDevice {
         // A reset device starts with fresh rings: in-flight entries of the old ones must
         // never be resubmitted.
         self.inflight = None;
+        self.activation_pending = false;
         *self.tracker() = RingTracker::default();
         match self.frontend.as_mut() {
             Some(frontend) => frontend.stop(state),
@@ -329,6 +344,7 @@ impl VirtioMmioTransport {
         mut frontend: VhostUserFrontend,
     ) -> Result<Self, TransportError> {
         let id = config.id.clone();
+        frontend.set_reply_timeout(config.restart.reply_timeout);
         let queue_count = frontend.queue_count();
         let fds = QueueEventFds::new(queue_count).map_err(|source| TransportError::EventFd {
             device: id.clone(),
@@ -354,6 +370,7 @@ impl VirtioMmioTransport {
                 device: id.clone(),
                 source,
             })?;
+        snapshot_config(&mut frontend, config.kind);
         let device_type = DeviceType::of(config);
         let masked = TRANSPORT_MASKED_FEATURES | device_type.masked_features;
         let features = frontend.virtio_features() & !masked;
@@ -376,6 +393,8 @@ impl VirtioMmioTransport {
                 tracker: Arc::default(),
                 config_cache: Vec::new(),
                 frontend_config: device_type.config,
+                activator: None,
+                activation_pending: false,
             },
             socket: backend.socket().to_path_buf(),
             backend: Some(backend),
@@ -409,6 +428,7 @@ impl VirtioMmioTransport {
             last_exit: None,
             down_ms: 0,
             last_stall_ms: None,
+            stalled_ms: None,
             inflight_tracking: self
                 .device
                 .frontend
@@ -432,6 +452,80 @@ impl VirtioMmioTransport {
     /// buffer serves started rings) and the memory to sample it with.
     pub fn ring_tracker(&self) -> (Arc<Mutex<RingTracker>>, GuestMemory) {
         (self.device.tracker.clone(), self.device.mem.clone())
+    }
+
+    /// One sample of the started rings for the stall detector
+    /// ([`crate::stall::StallDetector`]): `None` when no backend serves started rings.
+    pub fn progress(&self) -> Option<RingProgress> {
+        self.device.frontend.as_ref()?;
+        let mem = &self.device.mem;
+        let mut sample = RingProgress::default();
+        for (i, q) in self.state().queues.iter().enumerate() {
+            if !q.started {
+                continue;
+            }
+            let used = q.used_index(mem)?;
+            sample.used.push(used);
+            let avail = q.avail_index(mem)?;
+            let unread = || self.device.kicks.get(i).is_some_and(kick_unread);
+            if avail != used && (!crate::stall::is_input_queue(self.kind, i) || unread()) {
+                sample.waiting = true;
+            }
+        }
+        (!sample.used.is_empty()).then_some(sample)
+    }
+
+    /// Why the connection to the attached backend was ended (a missed round-trip
+    /// deadline, a reply that broke the protocol), if it was: the backend may live on,
+    /// but it counts as gone.
+    pub fn broken(&self) -> Option<String> {
+        self.device
+            .frontend
+            .as_ref()
+            .and_then(VhostUserFrontend::broken)
+    }
+
+    /// Sets the round-trip deadline of the attached backend (the spec's
+    /// `reply_timeout_ms` is applied when the transport is made).
+    pub fn set_reply_timeout(&self, timeout: Duration) {
+        if let Some(frontend) = &self.device.frontend {
+            frontend.set_reply_timeout(timeout);
+        }
+    }
+
+    /// Lets `activator` run activations: from now on a DRIVER_OK write only checks the
+    /// rings and wakes it, and it calls [`Self::activate_pending`] — so no vCPU waits
+    /// on the backend's round trips.
+    pub fn set_activator(&mut self, activator: Arc<EventFd>) {
+        self.device.activator = Some(activator);
+    }
+
+    /// Hands the rings to the backend if the driver set DRIVER_OK since the last call
+    /// (off the vCPU threads). A backend that refuses fails the device
+    /// (DEVICE_NEEDS_RESET); one that is gone gets the activation in the replay to the
+    /// next one.
+    pub fn activate_pending(&mut self) {
+        if !std::mem::take(&mut self.device.activation_pending) {
+            return;
+        }
+        let state = self.registers.state_mut();
+        if !state.activated {
+            return;
+        }
+        match self.device.start_rings(state) {
+            // Notifications the driver gave before the backend had the rings wait in
+            // the kick eventfds; one more makes sure the backend looks.
+            Ok(()) => {
+                let started = state.queues.iter().enumerate().filter(|(_, q)| q.started);
+                for (i, _) in started {
+                    if let Some(kick) = self.device.kicks.get(i) {
+                        let _ = kick.write(1);
+                    }
+                }
+            }
+            Err(_) if self.device.backend_gone() => {}
+            Err(e) => self.registers.fail_device(&mut self.device, &e),
+        }
     }
 
     /// Whether a backend is attached.
@@ -502,7 +596,10 @@ impl VirtioMmioTransport {
     /// were known (false: replayed from the used index, some may repeat or be missed).
     pub fn attach(&mut self, mut frontend: VhostUserFrontend) -> Result<bool, FrontendError> {
         frontend.set_vring_eventfds(&self.device.calls, &self.device.errs)?;
+        snapshot_config(&mut frontend, self.kind);
         self.device.frontend = Some(frontend);
+        // The replay below starts the rings the driver set up.
+        self.device.activation_pending = false;
         let state = self.registers.state_mut();
         if !state.activated {
             self.backend_state.set(BackendState::Up);
@@ -563,8 +660,8 @@ impl VirtioMmioTransport {
     /// when the [`RingTracker`] knows it, else the next backend replays from the used
     /// index).
     pub fn quiesce(&mut self) -> bool {
-        self.device.inflight = None;
         let Some(frontend) = self.device.frontend.as_mut() else {
+            self.device.inflight = None;
             return true;
         };
         let state = self.registers.state_mut();
@@ -572,6 +669,12 @@ impl VirtioMmioTransport {
             .filter(|&i| state.queues[i].started)
             .collect();
         frontend.stop(state);
+        if frontend.broken().is_some() {
+            // Stuck: its rings did not stop. The caller fences it; what it had in
+            // flight stays in the in-flight buffer for the next backend.
+            return false;
+        }
+        self.device.inflight = None;
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         loop {
             let drained = started.iter().all(|&i| {
@@ -631,6 +734,50 @@ impl Drop for VirtioMmioTransport {
         // `backend` field drops): the event loop must not report that as a failure.
         self.backend_state.retire();
     }
+}
+
+/// How much config space the core copies when it connects: the part of each device
+/// type's config (virtio 1.2, 5.2.4 and 5.1.4) that a driver reads for the features
+/// our backends offer. Reads past it go to the backend (and the copy grows).
+fn config_snapshot_size(kind: DeviceKind) -> usize {
+    match kind {
+        // capacity .. num_queues, discard and write-zeroes limits: 60 bytes, which
+        // qemu-storage-daemon 7.2 (it refuses reads past its struct) serves too.
+        DeviceKind::Blk => 60,
+        // mac, status, max_virtqueue_pairs, mtu.
+        DeviceKind::Net => 12,
+        _ => 0,
+    }
+}
+
+/// Takes the core's copy of config space on a connection being brought up (never on
+/// a vCPU thread). A backend that refuses is asked again when the guest reads.
+fn snapshot_config(frontend: &mut VhostUserFrontend, kind: DeviceKind) {
+    let wants_config = frontend
+        .protocol_features()
+        .contains(vhost::vhost_user::VhostUserProtocolFeatures::CONFIG);
+    if !wants_config {
+        return;
+    }
+    if let Err(e) = frontend.fetch_config(config_snapshot_size(kind)) {
+        tracing::debug!(
+            "device {}: no config space copy: {}",
+            frontend.device(),
+            crate::error_chain(&e)
+        );
+    }
+}
+
+/// Whether the eventfd has a count nobody has read yet (without reading it).
+fn kick_unread(kick: &EventFd) -> bool {
+    let mut fds = [libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(kick),
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    // SAFETY: `fds` is a valid array of one pollfd for the duration of the call.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
+    n > 0 && fds[0].revents & libc::POLLIN != 0
 }
 
 /// A new descriptor for the same open socket, owned by the supervisor.

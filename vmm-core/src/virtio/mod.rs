@@ -111,6 +111,7 @@ impl SharedBackendState {
             0 => BackendState::Up,
             2 => BackendState::Reconnecting,
             4 => BackendState::Failed,
+            5 => BackendState::Stalled,
             _ => BackendState::Down,
         }
     }
@@ -140,6 +141,7 @@ impl SharedBackendState {
             BackendState::Down => 1,
             BackendState::Reconnecting => 2,
             BackendState::Failed => 4,
+            BackendState::Stalled => 5,
         }
     }
 }

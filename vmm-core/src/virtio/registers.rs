@@ -431,6 +431,16 @@ impl MmioRegisters {
         }
     }
 
+    /// The device cannot go on (its activation failed after the register write that
+    /// asked for it returned): see [`Self::fail`].
+    pub fn fail_device(
+        &mut self,
+        ops: &mut impl DeviceOps,
+        err: &(dyn std::error::Error + 'static),
+    ) {
+        self.fail(ops, err);
+    }
+
     /// The device cannot go on: DEVICE_NEEDS_RESET plus a configuration-change interrupt
     /// (section 2.1.2), so the driver resets it.
     fn fail(&mut self, ops: &mut impl DeviceOps, err: &(dyn std::error::Error + 'static)) {

@@ -72,6 +72,13 @@ impl QueueState {
         let addr = GuestAddress(self.used_ring).checked_add(2)?;
         mem.read_obj::<u16>(addr).ok().map(u16::from_le)
     }
+
+    /// The `idx` field of the available ring (how far the driver has submitted), or
+    /// `None` when the ring is not in guest RAM.
+    pub fn avail_index(&self, mem: &GuestMemory) -> Option<u16> {
+        let addr = GuestAddress(self.avail_ring).checked_add(2)?;
+        mem.read_obj::<u16>(addr).ok().map(u16::from_le)
+    }
 }
 
 /// The whole device as the driver set it up.
