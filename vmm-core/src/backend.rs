@@ -855,6 +855,7 @@ mod tests {
             kind: plexvm_protocol::spec::DeviceKind::Blk,
             backend: BackendSource::Exec(argv(args)),
             restart: Default::default(),
+            transport: Default::default(),
         }
     }
 
@@ -914,6 +915,7 @@ mod tests {
             kind: plexvm_protocol::spec::DeviceKind::Blk,
             backend: BackendSource::Socket(sock.clone()),
             restart: Default::default(),
+            transport: Default::default(),
         };
         let (backend, _stream) =
             start(&config, dir.path(), dir.path(), &mut EarlyBackends::none()).unwrap();

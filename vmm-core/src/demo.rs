@@ -122,6 +122,7 @@ pub fn run_demo(seed: u64) -> Result<DemoReport, DemoError> {
                 image.display().to_string(),
             ]),
             restart: Default::default(),
+            transport: Default::default(),
         }],
         base_dir: dir.path().to_path_buf(),
     };

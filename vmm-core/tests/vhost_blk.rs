@@ -98,6 +98,7 @@ fn start_device() -> Device {
             "disk.raw".into(),
         ]),
         restart: Default::default(),
+        transport: Default::default(),
     };
     let (backend, stream) = backend::start(
         &config,

@@ -5,19 +5,32 @@
 //! - [`config`]: one function's config space (header, BARs, capability list, write masks);
 //! - [`root`]: bus 0, the host bridge, config access through 0xCF8/0xCFC and ECAM, and
 //!   the dispatch of MMIO-window accesses to BARs;
-//! - [`BarAllocator`]: BAR placement in the 32-bit and the 64-bit window (vm-allocator).
+//! - [`BarAllocator`]: BAR placement in the 32-bit and the 64-bit window (vm-allocator);
+//! - [`msix`]: MSI-X table and PBA, and the VM's GSI routing table ([`MsiRouter`]);
+//! - [`interrupts`]: per function, which queue's call eventfd is a KVM irqfd and which
+//!   the core's event thread serves (masked vectors, pending bits);
+//! - [`virtio_pci`]: the virtio-pci modern transport in front of the shared
+//!   [`crate::virtio::VirtioMmioTransport`];
+//! - [`acpi`]: MCFG and the DSDT's host bridge.
 //!
 //! Everything here runs on vCPU threads on exits; guest mistakes are counted and logged
 //! once per kind ([`GuestIssues`]), never one line per access.
 
 pub mod acpi;
 pub mod config;
+pub mod interrupts;
+pub mod msix;
+pub mod platform;
 pub mod root;
+pub mod virtio_pci;
 
 use vm_allocator::{AddressAllocator, AllocPolicy};
 
 pub use config::{ConfigSpace, MemoryBar, PciIds};
+pub use interrupts::{PciEventHandler, PciInterrupts};
+pub use msix::MsiRouter;
 pub use root::{PciBarWindow, PciConfigIo, PciConfigMmio, PciFunction, PciRoot};
+pub use virtio_pci::VirtioPciFunction;
 
 /// ECAM base (MCFG): bus 0 only, 32 devices × 8 functions × 4 KiB.
 pub const ECAM_BASE: u64 = 0xe000_0000;
@@ -61,6 +74,12 @@ pub enum PciError {
     /// The bus is full.
     #[error(transparent)]
     Root(#[from] root::RootError),
+    /// An MSI route or GSI could not be set up.
+    #[error(transparent)]
+    Msi(#[from] msix::MsiError),
+    /// An eventfd could not be duplicated.
+    #[error("cannot duplicate an eventfd")]
+    EventFd(#[source] std::io::Error),
 }
 
 /// The two MMIO windows the ACPI host bridge describes, and what is placed in them.
