@@ -230,6 +230,8 @@ pub struct Config {
     pub bench: BenchParams,
     /// net-echo parameters.
     pub net: NetParams,
+    /// `pci=off` (the core says so when no device is on PCI): do not scan the bus.
+    pub pci_off: bool,
     devices: [Option<MmioDevice>; MAX_DEVICES],
     device_count: usize,
 }
@@ -242,6 +244,7 @@ impl Default for Config {
             seconds: 0,
             bench: BenchParams::default(),
             net: NetParams::default(),
+            pci_off: false,
             devices: [None; MAX_DEVICES],
             device_count: 0,
         }
@@ -280,6 +283,8 @@ pub fn parse(cmdline: &str) -> Result<Config, CmdlineError<'_>> {
                 value,
             })?;
             config.push_device(device)?;
+        } else if token == "pci=off" {
+            config.pci_off = true;
         }
     }
     if config.workload == Workload::NetEcho && config.net.role.is_none() {
