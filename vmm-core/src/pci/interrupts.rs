@@ -106,9 +106,12 @@ impl PciInterrupts {
     }
 
     /// Sends vector `v` now, or marks it pending while it is masked. Without MSI-X there
-    /// is no INTx pin to raise: only the ISR bit tells (drivers that poll see it).
+    /// is no INTx pin to raise: only the ISR bit tells (drivers that poll see it). The
+    /// configuration bit is set in any case, the queue bit only without MSI-X (4.1.4.5).
     pub fn deliver(&self, state: &mut VectorState, v: u16, isr_bit: u32) {
-        self.isr.fetch_or(isr_bit, Ordering::AcqRel);
+        if isr_bit == INT_CONFIG || !state.table.enabled {
+            self.isr.fetch_or(isr_bit, Ordering::AcqRel);
+        }
         let v = usize::from(v);
         if !state.table.enabled || v >= state.table.len() {
             return;
