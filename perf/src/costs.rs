@@ -95,6 +95,7 @@ fn request(device: Device) -> VmRequest {
         cmdline: "probe.workload=blk-bench probe.seconds=1 probe.warmup=0".to_string(),
         device,
         kind: "blk",
+        transport: "mmio",
         memory_mib: MEMORY_MIB,
         timeout: Duration::from_secs(60),
         sample_memory_at: Some(GO_LINE),

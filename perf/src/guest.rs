@@ -80,6 +80,8 @@ pub struct VmRequest {
     pub device: Device,
     /// The device's spec `kind` (`"blk"`, `"net"`).
     pub kind: &'static str,
+    /// The device's spec `transport` (`"mmio"`, `"pci"`).
+    pub transport: &'static str,
     /// Guest RAM.
     pub memory_mib: u64,
     /// Longest the VM may take.
@@ -202,6 +204,7 @@ fn write_spec(work: &Path, req: &VmRequest) -> Result<PathBuf, GuestError> {
     let mut device = toml::Table::new();
     device.insert("id".into(), format!("{}0", req.kind).into());
     device.insert("kind".into(), req.kind.into());
+    device.insert("transport".into(), req.transport.into());
     match &req.device {
         Device::None => {}
         Device::Exec(argv) => {
@@ -332,6 +335,7 @@ mod tests {
                 cmdline: "probe.workload=blk-bench probe.qd=4".into(),
                 device,
                 kind: "blk",
+                transport: "mmio",
                 memory_mib: 128,
                 timeout: Duration::from_secs(1),
                 sample_memory_at: None,

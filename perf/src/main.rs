@@ -159,7 +159,7 @@ struct RunArgs {
     /// Scenario to run (repeatable; default: all, or the quick set with --quick).
     #[arg(long = "scenario", value_name = "NAME")]
     scenarios: Vec<String>,
-    /// Backend to measure (repeatable): plexvm-blk, plexvm-blk-direct, qsd, qsd-direct,
+    /// Backend to measure (repeatable): plexvm-blk, plexvm-blk-direct, plexvm-blk-pci (the disk on virtio-pci), qsd, qsd-direct,
     /// host (the ceiling; also host-direct). Default: all.
     #[arg(long = "backend", value_name = "NAME")]
     backends: Vec<String>,

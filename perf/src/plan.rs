@@ -13,7 +13,7 @@ pub enum PlanError {
     #[error("unknown scenario {0:?} (known: {known})", known = scenario_names())]
     UnknownScenario(String),
     /// `--backend` names no known backend.
-    #[error("unknown backend {0:?} (known: plexvm-blk, plexvm-blk-direct, qsd, qsd-direct, host)")]
+    #[error("unknown backend {0:?} (known: plexvm-blk, plexvm-blk-direct, plexvm-blk-pci, qsd, qsd-direct, host)")]
     UnknownBackend(String),
     /// `--storage` names no known storage.
     #[error("unknown storage {0:?} (known: tmpfs, disk)")]
@@ -106,6 +106,8 @@ pub enum Subject {
     PlexvmBlk,
     /// plexvm's backend with `--direct` (O_DIRECT).
     PlexvmBlkDirect,
+    /// plexvm's backend, page cache, the disk on virtio-pci instead of virtio-mmio.
+    PlexvmBlkPci,
     /// qemu-storage-daemon's vhost-user-blk export, `cache.direct=off`.
     Qsd,
     /// qemu-storage-daemon with `cache.direct=on`.
@@ -118,9 +120,10 @@ pub enum Subject {
 
 impl Subject {
     /// Every subject, in table order.
-    pub const ALL: [Subject; 6] = [
+    pub const ALL: [Subject; 7] = [
         Subject::PlexvmBlk,
         Subject::PlexvmBlkDirect,
+        Subject::PlexvmBlkPci,
         Subject::Qsd,
         Subject::QsdDirect,
         Subject::Host,
@@ -132,6 +135,7 @@ impl Subject {
         match self {
             Subject::PlexvmBlk => "plexvm-blk",
             Subject::PlexvmBlkDirect => "plexvm-blk-direct",
+            Subject::PlexvmBlkPci => "plexvm-blk-pci",
             Subject::Qsd => "qsd",
             Subject::QsdDirect => "qsd-direct",
             Subject::Host => "host",
@@ -145,6 +149,14 @@ impl Subject {
             self,
             Subject::PlexvmBlkDirect | Subject::QsdDirect | Subject::HostDirect
         )
+    }
+
+    /// The virtio transport of the VM's disk.
+    pub fn transport(self) -> &'static str {
+        match self {
+            Subject::PlexvmBlkPci => "pci",
+            _ => "mmio",
+        }
     }
 
     /// Whether this is the host-side ceiling rather than a VM.

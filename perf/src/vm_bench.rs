@@ -115,7 +115,7 @@ pub fn run(
 ) -> Result<Sample, VmBenchError> {
     let socket = work.join("qsd.sock");
     let (device, qsd) = match subject {
-        Subject::PlexvmBlk | Subject::PlexvmBlkDirect => {
+        Subject::PlexvmBlk | Subject::PlexvmBlkDirect | Subject::PlexvmBlkPci => {
             let mut argv = vec![
                 bins.plexvm_blk.display().to_string(),
                 "--image".to_string(),
@@ -143,6 +143,7 @@ pub fn run(
         cmdline: probe_cmdline(scenario, settings, scenario.irq),
         device,
         kind: "blk",
+        transport: subject.transport(),
         memory_mib: MEMORY_MIB,
         timeout: Duration::from_secs(settings.warmup + settings.seconds + 60),
         sample_memory_at: None,

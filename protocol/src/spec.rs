@@ -54,6 +54,21 @@ pub struct VmConfig {
     /// CPU features to hide from the guest's CPUID, e.g. `["cx16"]`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cpuid_mask: Vec<String>,
+    /// The transport of devices that do not choose one (default `"mmio"`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<Transport>,
+}
+
+/// How the guest reaches a virtio device (docs/platform.md).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// virtio-mmio: a 4 KiB window and an IOAPIC interrupt, named on the command line
+    /// and in the DSDT.
+    #[default]
+    Mmio,
+    /// virtio-pci (modern) on the PCI root bus, with MSI-X.
+    Pci,
 }
 
 fn default_vcpus() -> u8 {
@@ -166,6 +181,9 @@ pub struct DeviceSpec {
     /// restarts it, `"wait"` (the only choice for `socket`) waits for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_stall: Option<StallPolicy>,
+    /// `"mmio"` or `"pci"`; unset: `[vm] transport`, else `"mmio"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<Transport>,
 }
 
 /// The `on_stall` value of a `[[device]]`.
@@ -256,6 +274,8 @@ pub struct DeviceConfig {
     pub restart: RestartConfig,
     /// What the frontend provides for this kind (fs tag, vsock CID, generic ID/queues).
     pub params: DeviceParams,
+    /// How the guest reaches it.
+    pub transport: Transport,
 }
 
 /// A checked spec with paths resolved: what the core runs.
@@ -426,7 +446,7 @@ impl VmSpec {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let devices = resolve_devices(self.devices, base_dir)?;
+        let devices = resolve_devices(self.devices, base_dir, vm.transport.unwrap_or_default())?;
         Ok(VmConfigResolved {
             name: vm.name,
             vcpus: vm.vcpus,
@@ -542,6 +562,7 @@ impl CpuFeature {
 fn resolve_devices(
     devices: Vec<DeviceSpec>,
     base_dir: &Path,
+    default_transport: Transport,
 ) -> Result<Vec<DeviceConfig>, SpecError> {
     let mut out: Vec<DeviceConfig> = Vec::with_capacity(devices.len());
     for (i, d) in devices.into_iter().enumerate() {
@@ -619,6 +640,7 @@ fn resolve_devices(
             backend,
             restart,
             params,
+            transport: d.transport.unwrap_or(default_transport),
         });
     }
     Ok(out)
@@ -867,6 +889,32 @@ socket = "/run/x.sock"
         let e = err_of(&format!("{base}restart=\"sometimes\"\n"));
         assert!(e.contains("unknown variant `sometimes`"), "{e}");
         let e = err_of(&format!("{base}restart_max=-1\n"));
+        assert!(e.starts_with("vm.toml:"), "{e}");
+    }
+
+    #[test]
+    fn transport_defaults_to_mmio_and_vm_sets_the_default() {
+        let c = check(GOOD).unwrap();
+        assert!(c.devices.iter().all(|d| d.transport == Transport::Mmio));
+        let vm = "[vm]\nname=\"a\"\nmemory_mib=1\nkernel=\"probe\"\n";
+        let dev = |id: &str, extra: &str| {
+            format!("[[device]]\nid=\"{id}\"\nkind=\"blk\"\nsocket=\"s\"\n{extra}")
+        };
+        let text = format!("{vm}{}{}", dev("a", "transport=\"pci\"\n"), dev("b", ""));
+        let c = check(&text).unwrap();
+        assert_eq!(c.devices[0].transport, Transport::Pci);
+        assert_eq!(c.devices[1].transport, Transport::Mmio);
+        let text = format!(
+            "{vm}transport=\"pci\"\n{}{}",
+            dev("a", "transport=\"mmio\"\n"),
+            dev("b", "")
+        );
+        let c = check(&text).unwrap();
+        assert_eq!(c.devices[0].transport, Transport::Mmio);
+        assert_eq!(c.devices[1].transport, Transport::Pci);
+        let e = err_of(&format!("{vm}{}", dev("a", "transport=\"isa\"\n")));
+        assert!(e.contains("unknown variant `isa`"), "{e}");
+        let e = err_of(&format!("{vm}transport=1\n"));
         assert!(e.starts_with("vm.toml:"), "{e}");
     }
 

@@ -1,7 +1,7 @@
 //! The core + plexvm-net + two probe guests, end to end: one probe sends numbered
 //! frames (`probe.workload=net-echo probe.role=send`), the other returns each through
 //! the switch (`probe.role=echo`), and the sender checks every echoed frame byte for
-//! byte. Covers the core's virtio-mmio transport for a two-queue device (receive and
+//! byte. Covers the core's virtio-mmio and virtio-pci transports for a two-queue device (receive and
 //! transmit), its vhost-user set-up with a backend that is not blk, and the switch's
 //! guest-to-guest path, at ping-pong (64 B, one frame outstanding) and with a window of
 //! 32 full-size frames.
@@ -126,6 +126,12 @@ fn assert_switch_counts(stats: &serde_json::Value, s: &ProbeOutcome, e: &ProbeOu
 
 /// Runs one sender/echo pair on two ports of a plexvm-net the test owns.
 fn run_attached(size: u16, window: u16) {
+    run_attached_with(size, window, ["", ""]);
+}
+
+/// [`run_attached`] with extra `[[device]]` lines for the sender's and the echo's device
+/// (e.g. `transport = "pci"`).
+fn run_attached_with(size: u16, window: u16, extra: [&str; 2]) {
     let dir = tempfile::tempdir().unwrap();
     let sockets = [dir.path().join("send.sock"), dir.path().join("echo.sock")];
     let stats = dir.path().join("stats.json");
@@ -137,7 +143,11 @@ fn run_attached(size: u16, window: u16) {
     let switch = NetSwitch::start(&[], &args, &sockets, &dir.path().join("switch.log")).unwrap();
     let echo = ProbeVm::start(
         dir.path(),
-        &spec("echo", echo_cmdline(), socket_line(&sockets[1])),
+        &spec(
+            "echo",
+            echo_cmdline(),
+            format!("{}\n{}", socket_line(&sockets[1]), extra[1]),
+        ),
     )
     .unwrap();
     let sender = ProbeVm::start(
@@ -145,11 +155,20 @@ fn run_attached(size: u16, window: u16) {
         &spec(
             "send",
             sender_cmdline(size, window),
-            socket_line(&sockets[0]),
+            format!("{}\n{}", socket_line(&sockets[0]), extra[0]),
         ),
     )
     .unwrap();
     let (s, e) = finish_pair(sender, echo);
+    for (outcome, transport) in [(&s, extra[0]), (&e, extra[1])] {
+        if transport.contains("pci") {
+            assert!(
+                outcome.log.contains("virtio-pci 00:01.0: device id 1"),
+                "{}",
+                outcome.log
+            );
+        }
+    }
     assert_lossless(&s, &e, size, window);
     let stats = switch_stats(&switch, &stats);
     assert_switch_counts(&stats, &s, &e);
@@ -163,6 +182,13 @@ fn net_echo_64_byte_ping_pong_through_plexvm_net() {
 #[test]
 fn net_echo_1514_byte_frames_window_32_through_plexvm_net() {
     run_attached(1514, 32);
+}
+
+/// The two-queue net device over virtio-pci (the sender) talking to one over
+/// virtio-mmio (the echo): the same data checks.
+#[test]
+fn net_echo_between_a_virtio_pci_and_a_virtio_mmio_guest() {
+    run_attached_with(1514, 32, ["transport = \"pci\"", ""]);
 }
 
 /// The sender's core spawns the switch (`exec`): its own port is the socket the core

@@ -29,6 +29,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::devices::legacy::{ACPI_SLEEP_PORT, COM1_BASE, COM1_IRQ, PVPANIC_PORT, S5_SLEEP_TYPE};
 use crate::memory::GuestMemory;
+use crate::pci::acpi::PciHostLayout;
 use crate::virtio::MMIO_WINDOW_SIZE;
 
 /// Where the RSDP goes: the start of the BIOS read-only area Linux scans.
@@ -52,6 +53,8 @@ const VIRTIO_MMIO_HID: &str = "LNRO0005";
 /// do not enable PCIe ASPM, no CMOS RTC. The 8042 bit stays clear: the core emulates
 /// only the i8042 reset line, which `reboot=k` uses without the i8042 driver.
 const IAPC_BOOT_ARCH: u16 = (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5);
+/// The IA-PC boot architecture bit "MSI not supported".
+const IAPC_MSI_NOT_SUPPORTED: u16 = 1 << 3;
 /// FADT hypervisor vendor identity (ACPI 6.5, table 5.9).
 const HYPERVISOR_VENDOR: [u8; 8] = *b"PLEXVM\0\0";
 
@@ -80,13 +83,28 @@ pub fn write_acpi_tables(
     vcpus: u8,
     virtio_windows: &[(u64, u32)],
 ) -> Result<GuestAddress, AcpiError> {
+    write_acpi_tables_with_pci(mem, vcpus, virtio_windows, None)
+}
+
+/// [`write_acpi_tables`], plus, when `pci` is given, the PCI host bridge and ECAM
+/// reservation in the DSDT, the MCFG, and a FADT that lets the guest use MSI
+/// ([`crate::pci::acpi`]).
+pub fn write_acpi_tables_with_pci(
+    mem: &GuestMemory,
+    vcpus: u8,
+    virtio_windows: &[(u64, u32)],
+    pci: Option<&PciHostLayout>,
+) -> Result<GuestAddress, AcpiError> {
     let mut image = TableImage::new(bytes_of(&Rsdp::new(OEM_ID, 0)).len());
-    let dsdt = image.push(&dsdt(virtio_windows)?);
-    let fadt = image.push(&bytes_of(&fadt(dsdt)));
+    let dsdt = image.push(&dsdt(virtio_windows, pci)?);
+    let fadt = image.push(&bytes_of(&fadt(dsdt, pci.is_some())));
     let madt = image.push(&bytes_of(&madt(vcpus)));
     let mut xsdt = XSDT::new(OEM_ID, *b"PLEXXSDT", OEM_REVISION);
     xsdt.add_entry(fadt);
     xsdt.add_entry(madt);
+    if pci.is_some() {
+        xsdt.add_entry(image.push(&crate::pci::acpi::mcfg(OEM_ID, OEM_REVISION)));
+    }
     let xsdt = image.push(&bytes_of(&xsdt));
     image.set_rsdp(&bytes_of(&Rsdp::new(OEM_ID, xsdt)));
     if RSDP_ADDR + image.bytes.len() as u64 > TABLES_END {
@@ -133,7 +151,7 @@ fn bytes_of(table: &dyn Aml) -> Vec<u8> {
 /// sleep control and status registers are the one-byte ports at [`ACPI_SLEEP_PORT`]:
 /// with them and the DSDT's `\_S5_`, Linux's `poweroff` powers the VM off (without
 /// them it can only halt, and the VM would never end).
-fn fadt(dsdt: u64) -> acpi_tables::fadt::FADT {
+fn fadt(dsdt: u64, msi: bool) -> acpi_tables::fadt::FADT {
     let mut fadt = FADTBuilder::new(OEM_ID, *b"PLEXFACP", OEM_REVISION)
         .dsdt_64(dsdt)
         .flag(Flags::HwReducedAcpi)
@@ -150,7 +168,13 @@ fn fadt(dsdt: u64) -> acpi_tables::fadt::FADT {
     };
     fadt.sleep_control_reg = port(ACPI_SLEEP_PORT);
     fadt.sleep_status_reg = port(ACPI_SLEEP_PORT + 1);
-    fadt.iapc_boot_arch = IAPC_BOOT_ARCH.into();
+    // With PCI the "MSI not supported" bit must go: Linux would disable MSI-X.
+    let boot_arch = if msi {
+        IAPC_BOOT_ARCH & !IAPC_MSI_NOT_SUPPORTED
+    } else {
+        IAPC_BOOT_ARCH
+    };
+    fadt.iapc_boot_arch = boot_arch.into();
     fadt.hypervisor_vendor_identity = u64::from_le_bytes(HYPERVISOR_VENDOR).into();
     fadt.finalize()
 }
@@ -179,7 +203,7 @@ fn madt(vcpus: u8) -> MADT {
 /// way QEMU's and Firecracker's virtio-mmio machines describe them: `_HID`, `_UID` and a
 /// `_CRS` with the 4 KiB register window and an edge-triggered, active-high, exclusive
 /// interrupt (the core injects it through an irqfd as an edge).
-fn dsdt(virtio_windows: &[(u64, u32)]) -> Result<Vec<u8>, AcpiError> {
+fn dsdt(virtio_windows: &[(u64, u32)], pci: Option<&PciHostLayout>) -> Result<Vec<u8>, AcpiError> {
     if virtio_windows.len() > MAX_ACPI_DEVICES {
         return Err(AcpiError::TooManyDevices(virtio_windows.len()));
     }
@@ -188,6 +212,9 @@ fn dsdt(virtio_windows: &[(u64, u32)]) -> Result<Vec<u8>, AcpiError> {
     for (i, &(base, gsi)) in virtio_windows.iter().enumerate() {
         let base32 = u32::try_from(base).map_err(|_| AcpiError::WindowAbove4G(base))?;
         devices.extend(virtio_mmio_aml(i as u32, base32, gsi));
+    }
+    if let Some(pci) = pci {
+        devices.extend(crate::pci::acpi::dsdt_devices(pci));
     }
     let body = Scope::raw(Path::new("\\_SB_"), devices);
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"PLEXDSDT", OEM_REVISION);
@@ -464,6 +491,79 @@ mod tests {
             "Name (_HID, EisaId (\"PNP0501\")",
             "IO (Decode16, 0x03F8, // Range Minimum 0x03F8,",
             "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive, ,, ) { 0x00000004, }",
+        ] {
+            assert!(
+                text.contains(want),
+                "{want:?} not in the disassembly:\n{text}"
+            );
+        }
+    }
+
+    /// With PCI: the MCFG names ECAM for bus 0, the DSDT has the host bridge and the ECAM
+    /// reservation, the FADT allows MSI; iasl reads it all back.
+    #[test]
+    fn pci_adds_mcfg_host_bridge_and_allows_msi() {
+        let mem = create_guest_memory(64 << 20).unwrap();
+        let layout = PciHostLayout {
+            window32: (0xc000_0000, 0x1000_0000),
+            window64: (0x1_0000_0000, 64 << 30),
+        };
+        let rsdp = write_acpi_tables_with_pci(&mem, 1, &WINDOWS, Some(&layout)).unwrap();
+        let [xsdt, fadt, _, dsdt] = tables(&mem, rsdp);
+        let iapc = |f: &[u8]| u16::from_le_bytes([f[109], f[110]]);
+        assert_eq!(iapc(&fadt) & IAPC_MSI_NOT_SUPPORTED, 0);
+        let mcfg = xsdt[36..]
+            .chunks(8)
+            .map(|e| table(&mem, u64::from_le_bytes(e.try_into().unwrap())))
+            .find(|t| &t[..4] == b"MCFG")
+            .expect("an MCFG");
+        // Header (36) + 8 reserved, then {base u64, segment u16, start bus, end bus}.
+        assert_eq!(u64_at(&mcfg, 44), crate::pci::ECAM_BASE);
+        assert_eq!(&mcfg[52..56], &[0, 0, 0, 0]);
+        assert_eq!(count(&dsdt, b"PCI0"), 1);
+        assert_eq!(count(&dsdt, b"MRES"), 1);
+        // Without PCI: no MCFG, and MSI stays off.
+        let rsdp = write_acpi_tables(&mem, 1, &WINDOWS).unwrap();
+        let [xsdt, fadt, _, dsdt] = tables(&mem, rsdp);
+        assert_ne!(iapc(&fadt) & IAPC_MSI_NOT_SUPPORTED, 0);
+        assert_eq!(xsdt.len(), 36 + 16);
+        assert_eq!(count(&dsdt, b"PCI0"), 0);
+        if std::process::Command::new("iasl")
+            .arg("-v")
+            .output()
+            .is_err()
+        {
+            // iasl_disassembles_the_tables enforces its presence in CI.
+            return;
+        }
+        let rsdp = write_acpi_tables_with_pci(&mem, 1, &WINDOWS, Some(&layout)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let [_, _, _, dsdt] = tables(&mem, rsdp);
+        let mut text = String::new();
+        for (name, t) in [("dsdt", dsdt), ("mcfg", mcfg)] {
+            let dat = dir.path().join(format!("{name}.dat"));
+            std::fs::write(&dat, &t).unwrap();
+            let out = std::process::Command::new("iasl")
+                .arg("-d")
+                .arg(&dat)
+                .output()
+                .unwrap();
+            let report = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && !report.contains("Error"),
+                "{name}: {report}"
+            );
+            text += &std::fs::read_to_string(dir.path().join(format!("{name}.dsl"))).unwrap();
+        }
+        let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+        for want in [
+            "Name (_HID, EisaId (\"PNP0A08\")",
+            "Name (_HID, EisaId (\"PNP0C02\")",
+            "WordBusNumber (ResourceProducer",
+            "0xC0000000, // Range Minimum 0xCFFFFFFF, // Range Maximum",
+            "0x0000000100000000, // Range Minimum 0x00000010FFFFFFFF, // Range Maximum",
+            "Memory32Fixed (ReadWrite, 0xE0000000, // Address Base 0x00100000,",
+            "Base Address : 00000000E0000000",
         ] {
             assert!(
                 text.contains(want),

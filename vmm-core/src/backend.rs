@@ -942,6 +942,7 @@ mod tests {
             backend: BackendSource::Exec(argv(args)),
             restart: Default::default(),
             params: Default::default(),
+            transport: Default::default(),
         }
     }
 
@@ -1002,6 +1003,7 @@ mod tests {
             backend: BackendSource::Socket(sock.clone()),
             restart: Default::default(),
             params: Default::default(),
+            transport: Default::default(),
         };
         let (backend, _stream) =
             start(&config, dir.path(), dir.path(), &mut EarlyBackends::none()).unwrap();

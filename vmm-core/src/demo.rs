@@ -123,6 +123,7 @@ pub fn run_demo(seed: u64) -> Result<DemoReport, DemoError> {
             ]),
             restart: Default::default(),
             params: Default::default(),
+            transport: Default::default(),
         }],
         base_dir: dir.path().to_path_buf(),
     };

@@ -11,6 +11,7 @@ pub mod cpuid;
 pub mod demo;
 pub mod devices;
 pub mod memory;
+pub mod pci;
 pub mod probe;
 pub mod runner;
 pub mod runtime_dir;

@@ -305,6 +305,13 @@ fn core_cmdline_entries(config: &VmConfigResolved, devices: &VirtioDevices) -> V
         // from probing an AUX port and a multiplexer that are not there.
         extra.extend(["reboot=k", "i8042.noaux", "i8042.nomux", "i8042.dumbkbd"].map(String::from));
     }
+    // Linux gets no `pci=off`: the bus (a host bridge at 00:00.0) is always there, so
+    // it finds an empty bus instead of printing "PCI: Fatal: No config space access
+    // function found" (virtio_devices.rs). The probe is told to skip its bus scan when
+    // no device is on PCI.
+    if config.kernel == KernelSource::Probe && !devices.uses_pci() {
+        extra.push("pci=off".to_string());
+    }
     extra.extend(devices.cmdline_entries());
     let have: Vec<&str> = config.cmdline.split_whitespace().collect();
     extra.retain(|e| !have.contains(&e.as_str()));
@@ -336,7 +343,7 @@ pub fn prepare(config: VmConfigResolved, serial: SerialOut) -> Result<PreparedVm
     let memory = create_guest_memory(config.memory_mib << 20).map_err(RunError::Memory)?;
     let vm = Vm::new(memory).map_err(RunError::Vm)?;
     let (exit_tx, exits) = channel();
-    let (pio, serial) = platform_devices(&vm, serial, &exit_tx)?;
+    let (mut pio, serial) = platform_devices(&vm, serial, &exit_tx)?;
     let kernel = load_kernel(&vm, &config.kernel)?;
     let initrd = match &config.initrd {
         Some(path) => Some(load_initrd(&vm, &kernel, path)?),
@@ -347,15 +354,28 @@ pub fn prepare(config: VmConfigResolved, serial: SerialOut) -> Result<PreparedVm
     let devices = VirtioDevices::create(&config, &vm, runtime_dir.path(), &mut mmio, &mut early)
         .map_err(RunError::Devices)?;
     drop(early);
+    if let Some(config_io) = devices.pci_config_io() {
+        let (port, len) = (crate::pci::CONFIG_IO_PORT, crate::pci::CONFIG_IO_LEN);
+        pio.insert(port.into(), len.into(), config_io)
+            .map_err(|e| RunError::Device {
+                what: "PCI configuration ports".into(),
+                source: Box::new(e),
+            })?;
+    }
     // The command line and the ACPI tables name the devices' MMIO windows.
     let cmdline = boot::build_cmdline(&config.cmdline, &core_cmdline_entries(&config, &devices))
         .map_err(RunError::Boot)?;
     boot::write_boot_structures(vm.memory(), &cmdline, &kernel, initrd).map_err(RunError::Boot)?;
-    let rsdp = crate::acpi::write_acpi_tables(vm.memory(), config.vcpus, devices.windows())
-        .map_err(|e| RunError::Device {
-            what: "the ACPI tables".into(),
-            source: Box::new(e),
-        })?;
+    let rsdp = crate::acpi::write_acpi_tables_with_pci(
+        vm.memory(),
+        config.vcpus,
+        devices.windows(),
+        devices.pci_layout(),
+    )
+    .map_err(|e| RunError::Device {
+        what: "the ACPI tables".into(),
+        source: Box::new(e),
+    })?;
     boot::set_acpi_rsdp(vm.memory(), rsdp).map_err(RunError::Boot)?;
     vm.wait_memory_registered().map_err(RunError::Vm)?;
     let handlers = Arc::new(ExitHandlers {

@@ -786,7 +786,7 @@ mod tests {
         };
         let mut info = DeviceInfo {
             id: "d".into(),
-            kind: DeviceKind::Blk,
+            kind: plexvm_protocol::spec::DeviceKind::Blk,
             mmio_base: 0,
             irq: 5,
             socket: "s".into(),

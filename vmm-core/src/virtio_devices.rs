@@ -7,11 +7,14 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use plexvm_protocol::api::DeviceInfo;
-use plexvm_protocol::spec::{BackendSource, VmConfigResolved};
+use plexvm_protocol::spec::{BackendSource, DeviceConfig, Transport, VmConfigResolved};
 
 use crate::backend::{self, BackendError};
 use crate::devices::bus::{Bus, BusError};
-use crate::devices::MmioDevice;
+use crate::devices::{MmioDevice, PioDevice};
+use crate::pci::acpi::PciHostLayout;
+use crate::pci::platform::{InstalledPci, PciPlatform};
+use crate::pci::PciError;
 use crate::supervisor::{BackendSupervisor, SupervisedDevice, SupervisorError};
 use crate::vhost_user::{FrontendError, VhostUserFrontend};
 use crate::virtio::{
@@ -29,9 +32,18 @@ pub const MAX_DEVICES: usize = 19;
 /// Errors setting devices up.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceSetupError {
-    /// More devices than interrupt lines.
-    #[error("at most {MAX_DEVICES} devices are supported, the spec has {0}")]
+    /// More virtio-mmio devices than interrupt lines.
+    #[error("at most {MAX_DEVICES} virtio-mmio devices are supported, the spec has {0}")]
     TooMany(usize),
+    /// The PCI bus could not take a device.
+    #[error("device {id}: PCI")]
+    Pci {
+        /// Device id.
+        id: String,
+        /// Cause.
+        #[source]
+        source: PciError,
+    },
     /// The event thread could not start or take a device.
     #[error("device event loop")]
     EventLoop(#[from] EventLoopError),
@@ -67,6 +79,9 @@ pub struct VirtioDevices {
     supervisor: Option<BackendSupervisor>,
     transports: Vec<Arc<Mutex<VirtioMmioTransport>>>,
     windows: Vec<(u64, u32)>,
+    pci: Option<InstalledPci>,
+    /// Whether a device is on PCI (the bus itself is always there).
+    pci_devices: bool,
     _events: Option<EventLoop>,
 }
 
@@ -80,26 +95,53 @@ impl VirtioDevices {
         mmio: &mut Bus<dyn MmioDevice>,
         early: &mut backend::EarlyBackends,
     ) -> Result<VirtioDevices, DeviceSetupError> {
-        if config.devices.len() > MAX_DEVICES {
-            return Err(DeviceSetupError::TooMany(config.devices.len()));
+        let mmio_count = config
+            .devices
+            .iter()
+            .filter(|d| d.transport == Transport::Mmio)
+            .count();
+        if mmio_count > MAX_DEVICES {
+            return Err(DeviceSetupError::TooMany(mmio_count));
         }
         if config.devices.is_empty() {
+            let pci = PciPlatform::new(vm)
+                .map_err(|source| DeviceSetupError::Pci {
+                    id: "pci".into(),
+                    source,
+                })?
+                .install(mmio)
+                .map_err(|source| DeviceSetupError::Bus {
+                    id: "pci".into(),
+                    source,
+                })?;
             return Ok(VirtioDevices {
                 supervisor: None,
                 transports: Vec::new(),
                 windows: Vec::new(),
+                pci: Some(pci),
+                pci_devices: false,
                 _events: None,
             });
         }
         let events = EventLoop::start()?;
         let mut transports = Vec::with_capacity(config.devices.len());
         let mut windows = Vec::with_capacity(config.devices.len());
-        for (i, dev) in config.devices.iter().enumerate() {
-            let base = MMIO_BASE + MMIO_WINDOW_SIZE * i as u64;
-            let gsi = FIRST_GSI + i as u32;
+        let mut pci = None;
+        for dev in &config.devices {
             let (backend, stream) = backend::start(dev, runtime_dir, &config.base_dir, early)?;
             let queues = virtio::DeviceType::of(dev).backend_queues;
             let frontend = VhostUserFrontend::connect(&dev.id, stream, queues)?;
+            if dev.transport == Transport::Pci {
+                let transport =
+                    VirtioMmioTransport::new_unwired(dev, vm.memory().clone(), backend, frontend)?;
+                let transport = Arc::new(Mutex::new(transport));
+                add_pci(dev, vm, &mut pci, &events, transport.clone())?;
+                transports.push(transport);
+                continue;
+            }
+            let i = windows.len();
+            let base = MMIO_BASE + MMIO_WINDOW_SIZE * i as u64;
+            let gsi = FIRST_GSI + i as u32;
             let transport = VirtioMmioTransport::new(
                 dev,
                 base,
@@ -120,6 +162,33 @@ impl VirtioDevices {
             transports.push(transport);
             windows.push((base, gsi));
         }
+        // The host bridge and configuration mechanism #1 are there even when no device
+        // is on PCI: Linux then finds an empty bus 0 instead of printing "PCI: Fatal: No
+        // config space access function found" (`pci=off` would not help: it skips the
+        // 0xCF8 probe, and that message is printed when no access method was found).
+        // The ACPI tables name the host bridge and ECAM only when a device is on PCI.
+        let pci_devices = pci.is_some();
+        if pci.is_none() {
+            pci = Some(
+                PciPlatform::new(vm).map_err(|source| DeviceSetupError::Pci {
+                    id: "pci".into(),
+                    source,
+                })?,
+            );
+        }
+        let pci = match pci {
+            Some(platform) => {
+                Some(
+                    platform
+                        .install(mmio)
+                        .map_err(|source| DeviceSetupError::Bus {
+                            id: "pci".into(),
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
         let supervised = transports
             .iter()
             .zip(&config.devices)
@@ -137,8 +206,31 @@ impl VirtioDevices {
             supervisor: Some(supervisor),
             transports,
             windows,
+            pci,
+            pci_devices,
             _events: Some(events),
         })
+    }
+
+    /// Whether any device is on PCI.
+    pub fn uses_pci(&self) -> bool {
+        self.pci_devices
+    }
+
+    /// Configuration mechanism #1 (ports 0xCF8..0xCFF) (always: the host bridge is there even without PCI devices).
+    pub fn pci_config_io(&self) -> Option<Arc<Mutex<dyn PioDevice>>> {
+        self.pci.as_ref().map(|p| {
+            let io: Arc<Mutex<dyn PioDevice>> = p.config_io.clone();
+            io
+        })
+    }
+
+    /// The PCI windows the ACPI tables describe, when a device is on PCI.
+    pub fn pci_layout(&self) -> Option<&PciHostLayout> {
+        self.pci
+            .as_ref()
+            .filter(|_| self.pci_devices)
+            .map(|p| &p.layout)
     }
 
     /// (MMIO base, GSI) of each device, in guest order.
@@ -186,4 +278,35 @@ impl VirtioDevices {
             .find(|d| d.id == id)
             .ok_or_else(|| SupervisorError::NoDevice(id.to_string()))
     }
+}
+
+/// Puts `transport` on the PCI bus (created on first use) and its interrupts on the
+/// event thread.
+fn add_pci(
+    dev: &DeviceConfig,
+    vm: &Vm,
+    pci: &mut Option<PciPlatform>,
+    events: &EventLoop,
+    transport: Arc<Mutex<VirtioMmioTransport>>,
+) -> Result<(), DeviceSetupError> {
+    let pci_err = |source| DeviceSetupError::Pci {
+        id: dev.id.clone(),
+        source,
+    };
+    let platform = match pci {
+        Some(p) => p,
+        None => pci.insert(PciPlatform::new(vm).map_err(pci_err)?),
+    };
+    let (errs, config_irq) = {
+        let t = transport.lock().unwrap_or_else(|e| e.into_inner());
+        let errs: std::io::Result<Vec<_>> =
+            t.err_eventfds().iter().map(|e| e.try_clone()).collect();
+        (errs, t.interrupt().irq_eventfd().try_clone())
+    };
+    let (_, interrupts) = platform.add_virtio(transport).map_err(pci_err)?;
+    let handler = errs
+        .and_then(|errs| interrupts.event_handler(errs, config_irq?))
+        .map_err(|e| pci_err(PciError::EventFd(e)))?;
+    events.add(handler)?;
+    Ok(())
 }

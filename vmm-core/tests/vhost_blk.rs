@@ -99,6 +99,7 @@ fn start_device() -> Device {
         ]),
         restart: Default::default(),
         params: Default::default(),
+        transport: Default::default(),
     };
     let (backend, stream) = backend::start(
         &config,

@@ -242,6 +242,8 @@ pub struct Config {
     /// `probe.config=N`: rng-read also reports the first N bytes of the device's config
     /// space (a multiple of 4, at most [`MAX_CONFIG_BYTES`]; default 0).
     pub config_bytes: u8,
+    /// `pci=off` (the core says so when no device is on PCI): do not scan the bus.
+    pub pci_off: bool,
     devices: [Option<MmioDevice>; MAX_DEVICES],
     device_count: usize,
 }
@@ -255,6 +257,7 @@ impl Default for Config {
             bench: BenchParams::default(),
             net: NetParams::default(),
             config_bytes: 0,
+            pci_off: false,
             devices: [None; MAX_DEVICES],
             device_count: 0,
         }
@@ -293,6 +296,8 @@ pub fn parse(cmdline: &str) -> Result<Config, CmdlineError<'_>> {
                 value,
             })?;
             config.push_device(device)?;
+        } else if token == "pci=off" {
+            config.pci_off = true;
         }
     }
     if config.workload == Workload::NetEcho && config.net.role.is_none() {

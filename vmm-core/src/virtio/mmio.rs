@@ -300,9 +300,14 @@ impl QueueEventFds {
 
     /// One ioeventfd per queue on QueueNotify, matching a 32-bit write of the queue index
     /// (docs/platform.md), so a notify never exits to the core.
-    fn register(&self, device: &str, vm: &VmFd, mmio_base: u64) -> Result<(), TransportError> {
+    fn register(
+        kicks: &[EventFd],
+        device: &str,
+        vm: &VmFd,
+        mmio_base: u64,
+    ) -> Result<(), TransportError> {
         let notify = IoEventAddress::Mmio(mmio_base + QUEUE_NOTIFY_OFFSET);
-        for (queue, kick) in self.kicks.iter().enumerate() {
+        for (queue, kick) in kicks.iter().enumerate() {
             vm.register_ioevent(kick, &notify, queue as u32)
                 .map_err(|source| TransportError::IoEvent {
                     device: device.to_string(),
@@ -341,6 +346,31 @@ impl VirtioMmioTransport {
         vm: &VmFd,
         mem: GuestMemory,
         backend: Backend,
+        frontend: VhostUserFrontend,
+    ) -> Result<Self, TransportError> {
+        let mut transport = Self::new_unwired(config, mem, backend, frontend)?;
+        let id = &transport.id;
+        QueueEventFds::register(&transport.device.kicks, id, vm, mmio_base)?;
+        vm.register_irqfd(transport.device.interrupt.irq_eventfd(), gsi)
+            .map_err(|source| TransportError::IrqFd {
+                device: id.clone(),
+                gsi,
+                source,
+            })?;
+        transport.mmio_base = mmio_base;
+        transport.gsi = gsi;
+        Ok(transport)
+    }
+
+    /// The device without its virtio-mmio wiring, for the virtio-pci transport
+    /// ([`crate::pci::VirtioPciFunction`]), which drives the same register file through
+    /// [`MmioDevice`] and registers its own notify ioeventfds ([`Self::kick_eventfds`])
+    /// and MSI routes ([`Self::call_eventfds`]; the [`Self::interrupt`] eventfd is then
+    /// not an irqfd but tells it about configuration interrupts).
+    pub fn new_unwired(
+        config: &DeviceConfig,
+        mem: GuestMemory,
+        backend: Backend,
         mut frontend: VhostUserFrontend,
     ) -> Result<Self, TransportError> {
         let id = config.id.clone();
@@ -357,13 +387,6 @@ impl VirtioMmioTransport {
                     source,
                 })?,
             );
-        fds.register(&id, vm, mmio_base)?;
-        vm.register_irqfd(interrupt.irq_eventfd(), gsi)
-            .map_err(|source| TransportError::IrqFd {
-                device: id.clone(),
-                gsi,
-                source,
-            })?;
         frontend
             .set_vring_eventfds(&fds.calls, &fds.errs)
             .map_err(|source| TransportError::Frontend {
@@ -379,8 +402,8 @@ impl VirtioMmioTransport {
         Ok(VirtioMmioTransport {
             id,
             kind: config.kind,
-            mmio_base,
-            gsi,
+            mmio_base: 0,
+            gsi: 0,
             registers,
             device: VhostUserDevice {
                 frontend: Some(frontend),
@@ -405,6 +428,39 @@ impl VirtioMmioTransport {
     /// The device id.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The virtio device ID (the device-type table's, or a generic device's own).
+    pub fn device_id(&self) -> u32 {
+        self.registers.device_id()
+    }
+
+    /// The device's kind in the spec.
+    pub fn kind(&self) -> DeviceKind {
+        self.kind
+    }
+
+    /// Per queue, the kick eventfd the backend waits on (an ioeventfd on the notify
+    /// address).
+    pub fn kick_eventfds(&self) -> &[EventFd] {
+        &self.device.kicks
+    }
+
+    /// Per queue, the call eventfd the backend signals; the core's own, so it stays the
+    /// same across reconnects and swaps (anything registered on it stays valid).
+    pub fn call_eventfds(&self) -> &[EventFd] {
+        &self.device.calls
+    }
+
+    /// Per queue, the error eventfd the backend signals.
+    pub fn err_eventfds(&self) -> &[EventFd] {
+        &self.device.errs
+    }
+
+    /// Sets where the control API says the device is (a PCI function's BAR; no GSI).
+    pub fn set_location(&mut self, base: u64, irq: u32) {
+        self.mmio_base = base;
+        self.gsi = irq;
     }
 
     /// What the guest programmed (features, status, queues): the state a reconnect replays.

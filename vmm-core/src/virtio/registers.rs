@@ -170,6 +170,11 @@ pub struct MmioRegisters {
 }
 
 impl MmioRegisters {
+    /// The virtio device ID the registers report.
+    pub fn device_id(&self) -> u32 {
+        self.device_id
+    }
+
     /// Registers of device `device` (its id, for logs) with virtio device ID `device_id`,
     /// starting from `state`; InterruptStatus lives in `interrupt_status`, shared with
     /// whoever raises interrupts.

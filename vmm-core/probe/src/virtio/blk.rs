@@ -5,10 +5,11 @@
 //! byte and data buffer, and turns "no completion for 10 s" into an error that names
 //! the request that hung.
 
-use super::mmio::{MmioError, MmioTransport};
+use super::mmio::MmioError;
 use super::queue::{
     Buffer, QueueError, SplitQueue, Used, AVAIL_F_NO_INTERRUPT, MAX_QUEUE_SIZE, USED_F_NO_NOTIFY,
 };
+use super::transport::Transport;
 use crate::memory::{OutOfMemory, PhysAlloc};
 use crate::pattern::SECTOR_SIZE;
 use crate::time::{Clock, Deadline};
@@ -109,7 +110,7 @@ impl IrqState {
 /// A block device with its one request queue.
 #[derive(Debug)]
 pub struct BlkDevice {
-    transport: MmioTransport,
+    transport: Transport,
     queue: SplitQueue,
     capacity: u64,
     features: u64,
@@ -126,7 +127,7 @@ pub struct BlkDevice {
 impl BlkDevice {
     /// Initialises the device behind `transport` (virtio 1.2, 3.1.1 and 4.2.3).
     pub fn open(
-        transport: MmioTransport,
+        transport: Transport,
         alloc: &mut PhysAlloc,
         clock: Clock,
     ) -> Result<BlkDevice, BlkError> {
@@ -136,7 +137,7 @@ impl BlkDevice {
     /// As [`BlkDevice::open`], also accepting whatever of `extra` (e.g.
     /// [`F_EVENT_IDX`]) the device offers.
     pub fn open_with(
-        mut transport: MmioTransport,
+        mut transport: Transport,
         alloc: &mut PhysAlloc,
         clock: Clock,
         extra: u64,

@@ -1,12 +1,15 @@
-//! A polling virtio driver: the virtio-mmio version 2 transport, split virtqueues,
+//! A polling virtio driver: the virtio-mmio version 2 and virtio-pci modern transports
+//! ([`transport::Transport`] is either), split virtqueues,
 //! the block, network and entropy devices. Virtio 1.2 spec sections are cited where behaviour is
 //! defined by it.
 
 pub mod blk;
 pub mod mmio;
 pub mod net;
+pub mod pci;
 pub mod queue;
 pub mod rng;
+pub mod transport;
 
 /// Device status bits (virtio 1.2, 2.1).
 pub mod status {

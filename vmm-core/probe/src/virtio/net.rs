@@ -12,10 +12,11 @@
 //! device asks for it (`avail_event` with `VIRTIO_F_EVENT_IDX`, else
 //! `VIRTQ_USED_F_NO_NOTIFY`; 2.7.10).
 
-use super::mmio::{MmioError, MmioTransport};
+use super::mmio::MmioError;
 use super::queue::{
     Buffer, QueueError, SplitQueue, AVAIL_F_NO_INTERRUPT, MAX_QUEUE_SIZE, USED_F_NO_NOTIFY,
 };
+use super::transport::Transport;
 use crate::memory::{OutOfMemory, PhysAlloc};
 use thiserror::Error;
 
@@ -86,7 +87,7 @@ struct BufferRing {
 
 impl BufferRing {
     fn new(
-        transport: &mut MmioTransport,
+        transport: &mut Transport,
         alloc: &mut PhysAlloc,
         index: u16,
     ) -> Result<BufferRing, NetError> {
@@ -178,7 +179,7 @@ impl BufferRing {
 /// A network device with one receive and one transmit queue.
 #[derive(Debug)]
 pub struct NetDevice {
-    transport: MmioTransport,
+    transport: Transport,
     features: u64,
     mac: Option<[u8; 6]>,
     rx: BufferRing,
@@ -192,10 +193,7 @@ pub struct NetDevice {
 impl NetDevice {
     /// Initialises the device behind `transport` (virtio 1.2, 3.1.1, 4.2.3 and 5.1.5)
     /// and posts a receive buffer in every receive descriptor.
-    pub fn open(
-        mut transport: MmioTransport,
-        alloc: &mut PhysAlloc,
-    ) -> Result<NetDevice, NetError> {
+    pub fn open(mut transport: Transport, alloc: &mut PhysAlloc) -> Result<NetDevice, NetError> {
         let features = transport.negotiate(0, F_MAC | F_EVENT_IDX)?;
         let mac = if features & F_MAC != 0 {
             Some(read_mac(&transport)?)
@@ -344,7 +342,7 @@ impl NetDevice {
 }
 
 /// `mac` from the config space (5.1.4), read under the ConfigGeneration check.
-fn read_mac(transport: &MmioTransport) -> Result<[u8; 6], MmioError> {
+fn read_mac(transport: &Transport) -> Result<[u8; 6], MmioError> {
     let raw = transport.config_u64(0)?.to_le_bytes();
     let mut mac = [0u8; 6];
     mac.copy_from_slice(&raw[..6]);

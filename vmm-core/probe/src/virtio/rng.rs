@@ -5,7 +5,8 @@
 //! possibly fewer than asked (5.4.6: "the device MAY write fewer bytes"). One buffer is
 //! in flight at a time; the driver notifies after each post and polls the used ring.
 
-use super::mmio::{MmioError, MmioTransport};
+use super::mmio::MmioError;
+use super::transport::Transport;
 use super::queue::{Buffer, QueueError, SplitQueue, AVAIL_F_NO_INTERRUPT};
 use crate::memory::{OutOfMemory, PhysAlloc};
 use crate::time::{Clock, Deadline};
@@ -54,7 +55,7 @@ pub enum RngError {
 /// An opened entropy device.
 #[derive(Debug)]
 pub struct RngDevice {
-    transport: MmioTransport,
+    transport: Transport,
     queue: SplitQueue,
     buf: &'static mut [u8],
     clock: Clock,
@@ -64,7 +65,7 @@ pub struct RngDevice {
 impl RngDevice {
     /// Negotiates (VERSION_1 only), sets up the request queue and starts the device.
     pub fn open(
-        mut transport: MmioTransport,
+        mut transport: Transport,
         alloc: &mut PhysAlloc,
         clock: Clock,
     ) -> Result<RngDevice, RngError> {
