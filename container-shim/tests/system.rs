@@ -17,10 +17,15 @@ use common::podman::{missing_tools, podman_lock, runtimes, text, Podman};
 
 /// The cached bookworm rootfs, or why these tests cannot run here.
 fn bookworm() -> Result<PathBuf, String> {
+    debian("bookworm")
+}
+
+/// The cached rootfs of a Debian suite, or why these tests cannot run here.
+fn debian(suite: &str) -> Result<PathBuf, String> {
     if let Some(why) = missing_tools(&["podman", "mmdebstrap"]) {
         return Err(why);
     }
-    match common::debian::rootfs("bookworm") {
+    match common::debian::rootfs(suite) {
         Ok(dir) => Ok(dir),
         // Installed but failed: that is a failure, not a reason to skip.
         Err(why) if !why.contains("not installed") => panic!("{why}"),
@@ -286,6 +291,31 @@ fn debian_systemd_true_runs_sbin_init() {
             &["--systemd=true", "--rootfs", &rootfs, "/sbin/init"],
         );
         assert_eq!(c.wait_booted(), "running", "{}", c.rt());
+        check_stop(&c);
+    }
+}
+
+#[test]
+fn debian_trixie_systemd_boots_and_stops() {
+    let rootfs = match debian("trixie") {
+        Ok(dir) => format!("{}:O", dir.display()),
+        Err(why) => {
+            eprintln!("SKIPPED: {why}");
+            return;
+        }
+    };
+    let _lock = podman_lock();
+    for runtime in runtimes() {
+        let podman = Podman::new(&runtime);
+        let (c, _) = boot(&podman, &rootfs, &LIMITS);
+        assert_eq!(
+            c.sh("cat /etc/debian_version").split('.').next(),
+            Some("13")
+        );
+        assert_eq!(
+            c.sh("systemctl is-active systemd-journald").trim(),
+            "active"
+        );
         check_stop(&c);
     }
 }
