@@ -10,7 +10,7 @@ mod common;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::podman::{missing_tools, podman_lock, runtimes, text, Podman};
@@ -168,20 +168,39 @@ fn check_journal_and_shell(c: &Container<'_>) {
     assert!(out.starts_with("/dev/pts/"), "{}: {out:?}", c.rt());
     assert!(out.contains("root\r\n"), "{}: {out:?}", c.rt());
     // An interactive shell fed on stdin (`podman exec -i`).
+    let out = exec_with_input(c, &["-i"], &["/bin/bash"], b"echo $((6 * 7)); exit 4\n");
+    assert_eq!(out.status.code(), Some(4), "{}", c.rt());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "42\n", "{}", c.rt());
+    // A login session without logind: `podman exec -it ... login -f root`
+    // gives root's login shell ($0 = -bash) on the terminal.
+    let script = b"echo in-login-$(id -un)$0; exit 3\n";
+    let out = exec_with_input(c, &["-i", "-t"], &["login", "-f", "root"], script);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("in-login-root-bash"),
+        "{}: {stdout:?}",
+        c.rt()
+    );
+}
+
+/// `podman exec OPTS ID ARGS` with `input` on its stdin.
+fn exec_with_input(c: &Container<'_>, opts: &[&str], args: &[&str], input: &[u8]) -> Output {
+    let mut full = vec!["exec"];
+    full.extend_from_slice(opts);
+    full.push(&c.id);
+    full.extend_from_slice(args);
     let mut child = c
         .podman
-        .cmd(&["exec", "-i", &c.id, "/bin/bash"])
+        .cmd(&full)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(b"echo $((6 * 7)); exit 4\n").unwrap();
+    stdin.write_all(input).unwrap();
     drop(stdin);
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(4), "{}", c.rt());
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "42\n", "{}", c.rt());
+    child.wait_with_output().unwrap()
 }
 
 /// The limits podman set are the container's own cgroup files, and the
