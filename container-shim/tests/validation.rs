@@ -106,16 +106,36 @@ fn ocitest_mounts() -> Vec<PathBuf> {
         .collect()
 }
 
-/// Detaches the bundle mounts a run left, deepest first; only those that
-/// were not there before the run.
-fn unmount_left_behind(before: &[PathBuf]) {
+/// The /tmp/ocitest* bundle directories that exist now.
+fn ocitest_dirs() -> Vec<PathBuf> {
+    std::fs::read_dir("/tmp")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.to_string_lossy().starts_with("/tmp/ocitest"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Detaches the bundle mounts a run left, deepest first, then removes the
+/// bundle directories the programs could not remove because of them; only
+/// what was not there before the run, and never a directory that still has
+/// a mount below it.
+fn clean_up_after(mounts_before: &[PathBuf], dirs_before: &[PathBuf]) {
     let mut left: Vec<PathBuf> = ocitest_mounts()
         .into_iter()
-        .filter(|m| !before.contains(m))
+        .filter(|m| !mounts_before.contains(m))
         .collect();
     left.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
     for m in left {
         let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+    }
+    let still_mounted = ocitest_mounts();
+    for dir in ocitest_dirs() {
+        if !dirs_before.contains(&dir) && !still_mounted.iter().any(|m| m.starts_with(&dir)) {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
 }
 
@@ -219,14 +239,14 @@ fn runtime_tools_validation_suite() {
     // The two runtimes run side by side (the programs mostly wait), each
     // program with its own bundle and container ID; what the programs that
     // share the host's mount namespace leave mounted is detached at the end.
-    let before = ocitest_mounts();
+    let (before, dirs_before) = (ocitest_mounts(), ocitest_dirs());
     let runc = find_in_path("runc");
     let ((shim, total), runc_pass) = std::thread::scope(|s| {
         let other = runc.as_ref().map(|r| s.spawn(|| run_suite(&tree, r)));
         let ours = run_suite(&tree, Path::new(common::SHIM));
         (ours, other.map(|h| h.join().unwrap().0))
     });
-    unmount_left_behind(&before);
+    clean_up_after(&before, &dirs_before);
     eprintln!("plexvm-shim passes {} of {total}: {shim:?}", shim.len());
     match runc_pass {
         Some(runc_pass) => {
