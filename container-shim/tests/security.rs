@@ -415,8 +415,6 @@ fn cve_2025_52881_procfs_writes_are_not_redirected() {
     let bundle = Bundle::new(&["cat", "/proc/sys/kernel/domainname"], |_| {});
     let target = bundle.rootfs().join("proc/sys/kernel/domainname");
     let hook = format!("mount --bind {} {}", decoy.display(), target.display());
-    let path = bundle.path().to_path_buf();
-    let _ = path;
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(bundle.path().join("config.json")).unwrap())
             .unwrap();
@@ -429,9 +427,9 @@ fn cve_2025_52881_procfs_writes_are_not_redirected() {
         "host file\n",
         "write redirected"
     );
-    // The sysctl reached the container's own procfs (or create refused).
+    // The container still sees the hook's overmount (so the attack was in
+    // place); the runtime's write went to its own procfs instance instead.
     if code == 0 {
         assert_eq!(out, "host file\n", "{err}");
     }
-    assert!(Path::new(&decoy).exists());
 }
