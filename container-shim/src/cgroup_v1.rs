@@ -41,6 +41,13 @@ const CONTROLLERS: [&str; 12] = [
     "freezer",
 ];
 
+/// Named (controller-less) hierarchies the container gets a directory in,
+/// as with runc: systemd inside a container (and on the host) keeps its own
+/// process tree in `name=systemd`, and a container's systemd needs its
+/// cgroup there to exist, be its own, and be writable through the bind
+/// mount podman adds for `--systemd`.
+const NAMED: [&str; 1] = ["name=systemd"];
+
 /// Errors of the v1 hierarchies.
 #[derive(Debug, thiserror::Error)]
 pub enum V1Error {
@@ -122,6 +129,7 @@ impl V1Hierarchies {
             .collect();
         let dirs = CONTROLLERS
             .iter()
+            .chain(NAMED.iter())
             .filter_map(|ctrl| {
                 let (mp, _) = mounts.iter().find(|(_, opts)| opts.contains(ctrl))?;
                 Some((*ctrl, mp.clone(), mp.join(rel)))
@@ -206,25 +214,43 @@ impl V1Hierarchies {
         read_pids(&dir.join("cgroup.procs"))
     }
 
-    /// Kills what is left and removes the directories (not their parents).
+    /// Kills what is left and removes the directories (not their parents),
+    /// with the sub-cgroups a container's own systemd made in them.
     pub fn remove(&self) -> Result<()> {
         for dir in self.unique_dirs() {
-            let procs = dir.join("cgroup.procs");
-            let pids = match read_pids(&procs) {
-                Err(V1Error::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound =>
-                {
-                    continue
-                }
-                other => other?,
-            };
-            for pid in pids {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-            remove_dir_with_retry(dir)?;
+            remove_tree(dir, 0)?;
         }
         Ok(())
     }
+}
+
+/// Sub-cgroups deeper than this are not followed (a container cannot make
+/// the runtime recurse without bound).
+const MAX_DEPTH: usize = 32;
+
+/// Depth-first: kills the processes of `dir` and of every sub-cgroup, then
+/// removes the directories bottom-up. Entries are read with `symlink_metadata`
+/// (cgroupfs has no symlinks; nothing is followed either way).
+fn remove_tree(dir: &Path, depth: usize) -> Result<()> {
+    let procs = dir.join("cgroup.procs");
+    let pids = match read_pids(&procs) {
+        Err(V1Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(())
+        }
+        other => other?,
+    };
+    for pid in pids {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    if depth < MAX_DEPTH {
+        let entries = std::fs::read_dir(dir).map_err(io_err("list cgroup", dir))?;
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&entry.path(), depth + 1)?;
+            }
+        }
+    }
+    remove_dir_with_retry(dir)
 }
 
 /// Writes a cgroup file: opened for writing only, never created (a missing
@@ -355,13 +381,15 @@ mod tests {
             Some(Path::new("/sys/fs/cgroup/devices/a/b"))
         );
         assert_eq!(h.dir("memory"), None);
-        // Co-mounted controllers are joined once; named and v2 hierarchies are not joined.
+        // Co-mounted controllers are joined once; name=systemd is joined
+        // (as runc does), the v2 hierarchy of a hybrid host is not.
         assert_eq!(
             h.tasks_files(),
             vec![
                 PathBuf::from("/sys/fs/cgroup/cpu,cpuacct/a/b/tasks"),
                 PathBuf::from("/sys/fs/cgroup/cpuset/a/b/tasks"),
                 PathBuf::from("/sys/fs/cgroup/devices/a/b/tasks"),
+                PathBuf::from("/sys/fs/cgroup/systemd/a/b/tasks"),
             ]
         );
     }

@@ -15,7 +15,7 @@ use libcgroups::common::{
     CgroupSetup, ControllerOpt, FreezerState,
 };
 use nix::unistd::Pid;
-use oci_spec::runtime::{LinuxDeviceCgroupBuilder, LinuxResources, Spec};
+use oci_spec::runtime::{LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxResources, Spec};
 
 use crate::cgroup_v1::{V1Error, V1Hierarchies};
 
@@ -55,6 +55,12 @@ pub enum CgroupError {
     #[error("invalid device cgroup rule")]
     Device(#[source] oci_spec::OciSpecError),
     /// A systemd-style path that is not `slice:prefix:name`.
+    /// Rootless on cgroup v1: the hierarchies are not writable, so limits
+    /// and the freezer cannot be had (runc refuses the same).
+    #[error(
+        "rootless containers cannot {0} on this cgroup v1 host (the hierarchies are not writable)"
+    )]
+    Rootless(&'static str),
     #[error("invalid systemd cgroupsPath {0:?} (want slice:prefix:name)")]
     SystemdPath(String),
 }
@@ -128,6 +134,8 @@ pub struct Cgroup {
 enum Backend {
     V1(V1Hierarchies),
     Managed(AnyCgroupManager),
+    /// Rootless without writable cgroups (as runc: no cgroup, no limits).
+    Disabled,
 }
 
 impl std::fmt::Debug for Cgroup {
@@ -140,6 +148,7 @@ impl Cgroup {
     /// Opens (does not create) the cgroup at `path` in every hierarchy.
     pub fn open(path: &Path, id: &str) -> Result<Cgroup> {
         let backend = match get_cgroup_setup() {
+            Ok(CgroupSetup::Legacy | CgroupSetup::Hybrid) if !v1_writable() => Backend::Disabled,
             Ok(CgroupSetup::Legacy | CgroupSetup::Hybrid) => Backend::V1(
                 V1Hierarchies::discover(path).map_err(|source| CgroupError::V1 {
                     path: path.to_path_buf(),
@@ -153,6 +162,11 @@ impl Cgroup {
             id: id.to_string(),
             backend,
         })
+    }
+
+    /// True when no cgroup is used (rootless on v1).
+    pub fn is_disabled(&self) -> bool {
+        matches!(self.backend, Backend::Disabled)
     }
 
     /// libcgroups' manager (on v1 only built when limits or the freezer
@@ -192,6 +206,14 @@ impl Cgroup {
     /// limits, so the child can join through [`Cgroup::self_join_files`]
     /// (the kernel takes no global lock for that). Nothing on v2.
     pub fn prepare(&self, spec: &Spec) -> Result<()> {
+        if let Backend::Disabled = &self.backend {
+            let mut limits = resources_with_devices(spec)?;
+            limits.set_devices(None);
+            if limits != LinuxResources::default() {
+                return Err(CgroupError::Rootless("set resource limits"));
+            }
+            return Ok(());
+        }
         let Backend::V1(h) = &self.backend else {
             return Ok(());
         };
@@ -213,6 +235,7 @@ impl Cgroup {
     /// cgroup (creating it) and applies the limits.
     pub fn adopt(&self, pid: i32, spec: &Spec) -> Result<()> {
         match &self.backend {
+            Backend::Disabled => Ok(()),
             Backend::V1(h) => self.v1(h.join(pid)),
             Backend::Managed(m) => {
                 let resources = resources_with_devices(spec)?;
@@ -227,13 +250,15 @@ impl Cgroup {
     pub fn self_join_files(&self) -> Vec<PathBuf> {
         match &self.backend {
             Backend::V1(h) => h.tasks_files(),
-            Backend::Managed(_) => Vec::new(),
+            // Empty: init does not join, and `adopt` does nothing.
+            Backend::Managed(_) | Backend::Disabled => Vec::new(),
         }
     }
 
     /// Moves `pid` into the existing cgroup (for `exec`).
     pub fn join(&self, pid: i32) -> Result<()> {
         match &self.backend {
+            Backend::Disabled => Ok(()),
             Backend::V1(h) => self.v1(h.join(pid)),
             Backend::Managed(m) => self.op("join", m.add_task(Pid::from_raw(pid))),
         }
@@ -242,6 +267,8 @@ impl Cgroup {
     /// All pids in the cgroup.
     pub fn pids(&self) -> Result<Vec<i32>> {
         match &self.backend {
+            // No cgroup lists them: callers fall back to init's pid.
+            Backend::Disabled => Ok(Vec::new()),
             Backend::V1(h) => self.v1(h.pids()),
             Backend::Managed(m) => {
                 let pids = self.op("list processes of", m.get_all_pids())?;
@@ -263,6 +290,7 @@ impl Cgroup {
                 self.op("freeze", manager.freeze(state))
             }
             Backend::Managed(m) => self.op("freeze", m.freeze(state)),
+            Backend::Disabled => Err(CgroupError::Rootless("pause")),
         }
     }
 
@@ -271,8 +299,25 @@ impl Cgroup {
         match &self.backend {
             Backend::V1(h) => self.v1(h.remove()),
             Backend::Managed(m) => self.op("remove", m.remove()),
+            Backend::Disabled => Ok(()),
         }
     }
+}
+
+/// Can this process make cgroups in the v1 hierarchies? Host root can; a
+/// rootless caller (not root, or root of a user namespace, as under
+/// rootless podman) normally cannot.
+fn v1_writable() -> bool {
+    if !crate::cli::is_rootless() {
+        return true;
+    }
+    let probe = Path::new("/sys/fs/cgroup/pids");
+    let probe = if probe.is_dir() {
+        probe
+    } else {
+        Path::new("/sys/fs/cgroup/devices")
+    };
+    nix::unistd::access(probe, nix::unistd::AccessFlags::W_OK).is_ok()
 }
 
 fn controller_opt(resources: &LinuxResources) -> ControllerOpt<'_> {
@@ -306,9 +351,16 @@ fn resources_with_devices(spec: &Spec) -> Result<LinuxResources> {
     let devices = linux.and_then(|l| l.devices().as_ref());
     let mut rules = resources.devices().clone().unwrap_or_default();
     for dev in devices.into_iter().flatten() {
+        // FIFOs need no rule (the devices controller knows only b and c);
+        // `u` (unbuffered) is a character device.
+        let typ = match dev.typ() {
+            LinuxDeviceType::P => continue,
+            LinuxDeviceType::U => LinuxDeviceType::C,
+            t => t,
+        };
         let rule = LinuxDeviceCgroupBuilder::default()
             .allow(true)
-            .typ(dev.typ())
+            .typ(typ)
             .major(dev.major())
             .minor(dev.minor())
             .access("rwm")

@@ -12,13 +12,41 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 /// Default state directory (runc uses /run/runc).
 pub const DEFAULT_ROOT: &str = "/run/plexvm-shim";
 
+impl Cli {
+    /// The state directory: `--root`, else runc's rule: rootless (not root,
+    /// or root of a user namespace that is not the host's, as under rootless
+    /// podman) with $XDG_RUNTIME_DIR set → `$XDG_RUNTIME_DIR/plexvm-shim`.
+    pub fn root_dir(&self) -> PathBuf {
+        if let Some(root) = &self.root {
+            return root.clone();
+        }
+        match std::env::var_os("XDG_RUNTIME_DIR") {
+            Some(dir) if !dir.is_empty() && is_rootless() => PathBuf::from(dir).join("plexvm-shim"),
+            _ => PathBuf::from(DEFAULT_ROOT),
+        }
+    }
+}
+
+/// Not host root: a non-zero euid, or a user namespace other than the
+/// initial one (whose uid_map is the identity over all ids).
+pub fn is_rootless() -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    let map = std::fs::read_to_string("/proc/self/uid_map").unwrap_or_default();
+    let fields: Vec<&str> = map.split_whitespace().collect();
+    fields != ["0", "0", "4294967295"]
+}
+
 /// plexvm's OCI container runtime (runc-compatible command line).
 #[derive(Debug, Parser)]
 #[command(name = "plexvm-shim", version = VERSION_TEXT, disable_version_flag = true)]
 pub struct Cli {
-    /// Root directory for storage of container state (tmpfs recommended).
-    #[arg(long, global = true, default_value = DEFAULT_ROOT)]
-    pub root: PathBuf,
+    /// Root directory for storage of container state (tmpfs recommended;
+    /// default /run/plexvm-shim, or $XDG_RUNTIME_DIR/plexvm-shim when
+    /// rootless, as runc).
+    #[arg(long, global = true)]
+    pub root: Option<PathBuf>,
     /// Log file for errors and debug messages (default: stderr only).
     #[arg(long, global = true)]
     pub log: Option<PathBuf>,

@@ -85,19 +85,55 @@ pub fn setup_terminal(socket: &UnixStream, process: &Process, bind_console: bool
     make_controlling_stdio(&slave)
 }
 
+/// Bind-mounts the pty slave on /dev/console through a handle that cannot be
+/// a symlink (CVE-2025-52565: an image's /dev/console pointing at, say,
+/// /proc/sysrq-trigger would otherwise get the pty mounted over that file).
+/// Whatever is there and is not a regular file or character device is
+/// replaced by a new empty file.
 fn bind_dev_console(slave_name: &str) -> Result<()> {
+    use nix::fcntl::{open, OFlag};
+    use nix::sys::stat::{fstat, lstat, Mode};
     let console = Path::new("/dev/console");
-    if !console.exists() {
-        std::fs::File::create(console).map_err(|e| ConsoleError::Io("create /dev/console", e))?;
+    let kind = |mode: libc::mode_t| mode & libc::S_IFMT;
+    match lstat(console) {
+        Ok(st) if kind(st.st_mode) == libc::S_IFREG || kind(st.st_mode) == libc::S_IFCHR => {}
+        Ok(_) => nix::unistd::unlink(console)
+            .map_err(|e| ConsoleError::Sys("remove a non-file /dev/console", e))?,
+        Err(nix::Error::ENOENT) => {}
+        Err(e) => return Err(ConsoleError::Sys("stat /dev/console", e)),
     }
+    let create = OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    match open(console, create, Mode::from_bits_truncate(0o600)) {
+        Ok(fd) => drop(unsafe_owned(fd)),
+        // An existing character device (O_CREAT on it opens the device).
+        Err(nix::Error::ENXIO | nix::Error::ENODEV | nix::Error::EACCES) => {}
+        Err(e) => return Err(ConsoleError::Sys("create /dev/console", e)),
+    }
+    let fd = open(
+        console,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| ConsoleError::Sys("open /dev/console", e))?;
+    let fd = unsafe_owned(fd);
+    let st = fstat(fd.as_raw_fd()).map_err(|e| ConsoleError::Sys("stat /dev/console", e))?;
+    if kind(st.st_mode) != libc::S_IFREG && kind(st.st_mode) != libc::S_IFCHR {
+        return Err(ConsoleError::Sys("check /dev/console", nix::Error::ELOOP));
+    }
+    let target = format!("/proc/self/fd/{}", fd.as_raw_fd());
     mount(
         Some(slave_name),
-        console,
+        target.as_str(),
         None::<&str>,
         MsFlags::MS_BIND,
         None::<&str>,
     )
     .map_err(|e| ConsoleError::Sys("bind-mount /dev/console", e))
+}
+
+fn unsafe_owned(fd: std::os::fd::RawFd) -> std::os::fd::OwnedFd {
+    // SAFETY: `fd` was just returned by open(2) and is owned by nobody else.
+    unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
 }
 
 /// Sends `fd` with SCM_RIGHTS (payload: a name, as runc's utils.SendFile).

@@ -137,9 +137,8 @@ pub struct Created {
 fn load_checked(opts: &CreateOpts) -> Result<(spec::Bundle, Option<CompiledProfile>)> {
     let bundle = spec::load_bundle(&opts.bundle)?;
     let spec = &bundle.spec;
-    if !spec::creates_namespace(spec, LinuxNamespaceType::Mount) {
-        return Err(SpecError::Invalid("the config must create a mount namespace".into()).into());
-    }
+    // Without a mount namespace of its own the container is set up in the
+    // runtime's (or a joined) namespace, as runc does (see rootfs::Enter).
     let terminal = spec
         .process()
         .as_ref()

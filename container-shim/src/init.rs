@@ -220,7 +220,10 @@ fn init_before_start(ctx: &InitContext, chan: &mut Channel) -> Result<Prepared> 
         rootfs: &ctx.rootfs,
         bundle: &ctx.bundle,
         cgroup_path: &ctx.cgroup_path,
-        in_userns: crate::spec::has_namespace(&ctx.spec, LinuxNamespaceType::User),
+        // Also rootless: the runtime itself runs in a user namespace.
+        in_userns: crate::spec::has_namespace(&ctx.spec, LinuxNamespaceType::User)
+            || crate::cli::is_rootless(),
+        own_mount_ns: crate::spec::creates_namespace(&ctx.spec, LinuxNamespaceType::Mount),
     };
     rootfs::prepare(&plan)?;
     // Held as O_PATH and reopened for writing after the pivot (runc's trick).
@@ -234,7 +237,14 @@ fn init_before_start(ctx: &InitContext, chan: &mut Channel) -> Result<Prepared> 
     }
     let state = hook_state(ctx, "created");
     hooks::run_hooks(&ctx.spec, HookKind::CreateContainer, &state)?;
-    rootfs::enter(&ctx.rootfs, ctx.no_pivot)?;
+    let mode = if !crate::spec::has_namespace(&ctx.spec, LinuxNamespaceType::Mount) {
+        rootfs::Enter::Chroot
+    } else if ctx.no_pivot {
+        rootfs::Enter::MoveAndChroot
+    } else {
+        rootfs::Enter::PivotRoot
+    };
+    rootfs::enter(&ctx.rootfs, mode)?;
     rootfs::finish(&ctx.spec)?;
     if process.terminal().unwrap_or(false) {
         if let Some(sock) = &ctx.console {

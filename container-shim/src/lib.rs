@@ -17,6 +17,7 @@
 pub mod cgroup_v1;
 pub mod cgroups;
 pub mod cli;
+pub mod cloned_exe;
 pub mod console;
 pub mod create;
 pub mod exec;

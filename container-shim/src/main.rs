@@ -7,10 +7,10 @@ use anyhow::Context;
 use clap::Parser;
 use plexvm_shim::cli::{Cli, Command};
 use plexvm_shim::state::StateRoot;
-use plexvm_shim::{create, exec, features, log, ops};
+use plexvm_shim::{cloned_exe, create, exec, features, log, ops};
 
 fn run(cli: &Cli) -> anyhow::Result<i32> {
-    let root = StateRoot::new(&cli.root);
+    let root = StateRoot::new(&cli.root_dir());
     match &cli.command {
         Command::Create(a) => {
             create::create(&root, &a.id, &a.opts, cli.systemd_cgroup).map(drop)?
@@ -35,6 +35,17 @@ fn run(cli: &Cli) -> anyhow::Result<i32> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Commands that put processes into a container run from a sealed copy
+    // of the binary (CVE-2019-5736, see cloned_exe.rs).
+    if matches!(
+        cli.command,
+        Command::Create(_) | Command::Run(_) | Command::Exec(_)
+    ) {
+        if let Err(e) = cloned_exe::reexec_from_sealed_copy() {
+            eprintln!("plexvm-shim: {:#}", anyhow::Error::from(e));
+            return ExitCode::from(1);
+        }
+    }
     if let Some(path) = &cli.log {
         if let Err(e) = log::init(path, cli.log_format, cli.debug) {
             eprintln!("plexvm-shim: cannot open log file {}: {e}", path.display());

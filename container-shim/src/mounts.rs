@@ -53,6 +53,22 @@ pub enum MountError {
     /// Reading /proc/self/mountinfo failed.
     #[error("cannot read /proc/self/mountinfo")]
     MountInfo(#[source] std::io::Error),
+    /// A mount on /proc that is not procfs, or onto a /proc file that is not
+    /// on runc's list (CVE-2019-16884: a fake /proc redirects the runtime's
+    /// writes to /proc).
+    #[error("{dest} is not allowed: only procfs may be mounted on /proc, and only lxcfs-style files below it")]
+    ProcMount {
+        /// Container path.
+        dest: PathBuf,
+    },
+    /// /proc or /sys in the rootfs is a symlink (CVE-2023-27561).
+    #[error("{path} in the rootfs is a symlink; refusing to mount {fstype} through it")]
+    Symlink {
+        /// Container path.
+        path: PathBuf,
+        /// Filesystem type.
+        fstype: String,
+    },
 }
 
 type Result<T> = std::result::Result<T, MountError>;
@@ -245,11 +261,96 @@ pub struct MountContext<'a> {
     pub cgroup_path: &'a Path,
 }
 
+/// /proc files that may be bind-mounted over (lxcfs and the like), as runc
+/// allows them.
+const PROC_ALLOWED: [&str; 10] = [
+    "/proc/cpuinfo",
+    "/proc/diskstats",
+    "/proc/meminfo",
+    "/proc/stat",
+    "/proc/swaps",
+    "/proc/uptime",
+    "/proc/loadavg",
+    "/proc/slabinfo",
+    "/proc/net/dev",
+    "/proc/sys/kernel/ns_last_pid",
+];
+
+/// The destination with `.` and `..` folded lexically (as the kernel would
+/// resolve it inside the root, where `..` of `/` is `/`).
+fn clean(dest: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for c in dest.components() {
+        match c {
+            std::path::Component::Normal(n) => out.push(n),
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// runc's checkProcMount: /proc itself takes only procfs; below /proc only
+/// the allowed files, or a bind whose source is itself in procfs.
+fn check_proc_mount(m: &Mount, fstype: &str, is_bind: bool) -> Result<()> {
+    let dest = clean(m.destination());
+    if !dest.starts_with("/proc") {
+        return Ok(());
+    }
+    let ok = if dest == Path::new("/proc") {
+        fstype == "proc"
+    } else {
+        PROC_ALLOWED.iter().any(|p| dest == Path::new(p))
+            || (is_bind
+                && m.source().as_ref().is_some_and(|src| {
+                    nix::sys::statfs::statfs(src.as_path())
+                        .is_ok_and(|st| st.filesystem_type() == nix::sys::statfs::PROC_SUPER_MAGIC)
+                }))
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(MountError::ProcMount { dest })
+    }
+}
+
+/// Refuses to mount procfs or sysfs through a symlink at the destination:
+/// the image could point it anywhere in the rootfs (runc 1.1.5).
+fn check_not_symlink(root: &Root, dest: &Path, fstype: &str) -> Result<()> {
+    if fstype != "proc" && fstype != "sysfs" {
+        return Ok(());
+    }
+    match root.resolve_nofollow(dest) {
+        Ok(h) => {
+            let st =
+                nix::sys::stat::fstat(h.as_fd().as_raw_fd()).map_err(|e| MountError::Mount {
+                    source_path: fstype.to_string(),
+                    target: dest.to_path_buf(),
+                    fstype: fstype.to_string(),
+                    source: e,
+                })?;
+            if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+                return Err(MountError::Symlink {
+                    path: dest.to_path_buf(),
+                    fstype: fstype.to_string(),
+                });
+            }
+            Ok(())
+        }
+        // Missing: created as a directory below.
+        Err(_) => Ok(()),
+    }
+}
+
 /// Mounts one config mount into the rootfs.
 pub fn mount_one(ctx: &MountContext<'_>, m: &Mount) -> Result<()> {
     let opts = parse_options(m.options().as_deref().unwrap_or_default());
     let fstype = m.typ().as_deref().unwrap_or("none");
     let dest = m.destination();
+    check_proc_mount(m, fstype, opts.is_bind() || fstype == "bind")?;
+    check_not_symlink(ctx.root, dest, fstype)?;
     if fstype == "cgroup" || fstype == "cgroup2" {
         return mount_cgroup(ctx, dest, &opts);
     }

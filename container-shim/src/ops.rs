@@ -135,18 +135,50 @@ fn release_init(record: &ContainerRecord, fifo: &Path) -> Result<()> {
 }
 
 /// Parses `TERM`, `SIGTERM`, `sigterm` or `15`.
-pub fn parse_signal(text: &str) -> Result<Signal> {
-    if let Ok(n) = text.parse::<i32>() {
-        return Signal::try_from(n).map_err(|_| OpsError::BadSignal(text.into()));
+pub fn parse_signal(text: &str) -> Result<libc::c_int> {
+    let bad = || OpsError::BadSignal(text.into());
+    let (rtmin, rtmax) = (libc::SIGRTMIN(), libc::SIGRTMAX());
+    if let Ok(n) = text.parse::<libc::c_int>() {
+        // Real-time signals (systemd's SIGRTMIN+3 shutdown request) are not
+        // nix `Signal`s, so numbers are checked against the kernel's range.
+        let valid = Signal::try_from(n).is_ok() || (rtmin..=rtmax).contains(&n);
+        return valid.then_some(n).ok_or_else(bad);
     }
     let upper = text.to_ascii_uppercase();
-    let name = if upper.starts_with("SIG") {
-        upper
-    } else {
-        format!("SIG{upper}")
+    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+    let rt = |base: libc::c_int, rest: &str, sign: libc::c_int| {
+        let off: libc::c_int = if rest.is_empty() {
+            0
+        } else {
+            rest.parse().ok()?
+        };
+        let n = base + sign * off;
+        (rtmin..=rtmax).contains(&n).then_some(n)
     };
-    name.parse::<Signal>()
-        .map_err(|_| OpsError::BadSignal(text.into()))
+    if let Some(rest) = name.strip_prefix("RTMIN") {
+        return rest
+            .strip_prefix('+')
+            .or((rest.is_empty()).then_some(""))
+            .and_then(|r| rt(rtmin, r, 1))
+            .ok_or_else(bad);
+    }
+    if let Some(rest) = name.strip_prefix("RTMAX") {
+        return rest
+            .strip_prefix('-')
+            .or((rest.is_empty()).then_some(""))
+            .and_then(|r| rt(rtmax, r, -1))
+            .ok_or_else(bad);
+    }
+    format!("SIG{name}")
+        .parse::<Signal>()
+        .map(|s| s as libc::c_int)
+        .map_err(|_| bad())
+}
+
+/// kill(2) with a raw signal number (nix's `Signal` has no real-time ones).
+fn send_signal(pid: i32, sig: libc::c_int) -> nix::Result<()> {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    nix::Error::result(unsafe { libc::kill(pid, sig) }).map(drop)
 }
 
 /// `kill`: allowed while created, running or paused.
@@ -167,10 +199,10 @@ pub fn kill_container(root: &StateRoot, id: &str, sig: &str, all: bool) -> Resul
     if all {
         let cgroup = Cgroup::open(&record.cgroup_path, id)?;
         for pid in cgroup.pids()? {
-            let _ = kill(Pid::from_raw(pid), signal);
+            let _ = send_signal(pid, signal);
         }
     }
-    kill(Pid::from_raw(record.pid), signal).map_err(|e| OpsError::Sys("send signal", e))
+    send_signal(record.pid, signal).map_err(|e| OpsError::Sys("send signal", e))
 }
 
 /// `delete`: only a stopped container unless `force`; a missing container is
@@ -402,10 +434,17 @@ mod tests {
 
     #[test]
     fn signals_parse_by_name_and_number() {
-        assert_eq!(parse_signal("TERM").unwrap(), Signal::SIGTERM);
-        assert_eq!(parse_signal("SIGKILL").unwrap(), Signal::SIGKILL);
-        assert_eq!(parse_signal("sigusr1").unwrap(), Signal::SIGUSR1);
-        assert_eq!(parse_signal("9").unwrap(), Signal::SIGKILL);
+        assert_eq!(parse_signal("TERM").unwrap(), libc::SIGTERM);
+        assert_eq!(parse_signal("SIGKILL").unwrap(), libc::SIGKILL);
+        assert_eq!(parse_signal("sigusr1").unwrap(), libc::SIGUSR1);
+        assert_eq!(parse_signal("9").unwrap(), libc::SIGKILL);
+        // podman sends systemd's shutdown signal by number.
+        assert_eq!(parse_signal("37").unwrap(), libc::SIGRTMIN() + 3);
+        assert_eq!(parse_signal("RTMIN+3").unwrap(), libc::SIGRTMIN() + 3);
+        assert_eq!(parse_signal("SIGRTMAX-1").unwrap(), libc::SIGRTMAX() - 1);
+        assert_eq!(parse_signal("SIGRTMIN").unwrap(), libc::SIGRTMIN());
+        assert!(parse_signal("RTMIN+99").is_err());
+        assert!(parse_signal("RTMIN3").is_err());
         assert!(parse_signal("NOPE").is_err());
         assert!(parse_signal("999").is_err());
         assert!(parse_signal("").is_err());

@@ -42,6 +42,9 @@ pub enum RootfsError {
         #[source]
         source: pathrs::error::Error,
     },
+    /// /dev/null is not the null device (a symlink or file from the image).
+    #[error("/dev/null in the container is not the null device (1:3); refusing to mask with it")]
+    NotDevNull,
     /// A sysctl that is not a plain dotted name.
     #[error("invalid sysctl name {0:?}")]
     SysctlName(String),
@@ -79,6 +82,28 @@ pub struct RootfsPlan<'a> {
     pub cgroup_path: &'a Path,
     /// True when running in a new user namespace (mknod is not allowed).
     pub in_userns: bool,
+    /// True when the config creates a mount namespace (not joined, not absent).
+    pub own_mount_ns: bool,
+}
+
+/// Makes the mount that holds `rootfs`'s parent directory private.
+fn make_parent_mount_private(rootfs: &Path) -> Result<()> {
+    let parent = rootfs.parent().unwrap_or(Path::new("/"));
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mountpoint = mounts::parse_mountinfo(&text)
+        .into_iter()
+        .map(|(mp, _)| mp)
+        .filter(|mp| parent.starts_with(mp))
+        .max_by_key(|mp| mp.components().count())
+        .unwrap_or_else(|| PathBuf::from("/"));
+    mount(
+        None::<&str>,
+        &mountpoint,
+        None::<&str>,
+        MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(sys_err("make private", &mountpoint))
 }
 
 /// Propagation, self-bind of the rootfs, all config mounts, /dev nodes and
@@ -94,9 +119,18 @@ pub fn prepare(plan: &RootfsPlan<'_>) -> Result<()> {
                 .copied()
         })
         .unwrap_or(MsFlags::MS_SLAVE | MsFlags::MS_REC);
-    // Keep our mounts from propagating back to the host.
-    mount(None::<&str>, "/", None::<&str>, propagation, None::<&str>)
-        .map_err(sys_err("set propagation of", Path::new("/")))?;
+    // Keep our mounts from propagating back to the host. Only in a mount
+    // namespace of the container's own: without one (or in a joined one)
+    // the propagation of `/` belongs to whoever else lives there.
+    if plan.own_mount_ns {
+        mount(None::<&str>, "/", None::<&str>, propagation, None::<&str>)
+            .map_err(sys_err("set propagation of", Path::new("/")))?;
+    }
+    // pivot_root refuses a new root whose parent mount is shared (as with
+    // rootfsPropagation "shared"): make that parent mount private, as runc.
+    if plan.own_mount_ns && propagation.contains(MsFlags::MS_SHARED) {
+        make_parent_mount_private(plan.rootfs)?;
+    }
     // pivot_root needs the new root to be a mount point.
     mount(
         Some(plan.rootfs),
@@ -214,6 +248,17 @@ impl<'a> DirCache<'a> {
 
 /// In a user namespace mknod(2) is not allowed: bind the host's node instead.
 fn bind_host_device(root: &Root, path: &Path) -> Result<()> {
+    // A symlink from the image would redirect the bind: remove it first.
+    if let Ok(h) = root.resolve_nofollow(path) {
+        let st = nix::sys::stat::fstat(h.as_fd().as_raw_fd()).map_err(sys_err("stat", path))?;
+        if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+            root.remove_file(path)
+                .map_err(|source| MountError::Resolve {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+        }
+    }
     let handle = ensure_target(root, path, true)?;
     let target = fd_path(handle.as_fd());
     mount(
@@ -241,7 +286,14 @@ fn mknod_device(dirs: &mut DirCache<'_>, dev: &LinuxDevice) -> Result<()> {
     let devno = makedev(dev.major() as u64, dev.minor() as u64);
     let dirfd = dir.as_fd().as_raw_fd();
     match mknodat(Some(dirfd), name, kind, mode, devno) {
-        Ok(()) | Err(nix::Error::EEXIST) => {}
+        Ok(()) => {}
+        // Whatever the image has there (a symlink, a file) is replaced, so
+        // the node is the configured device (CVE-2025-31133).
+        Err(nix::Error::EEXIST) => {
+            nix::unistd::unlinkat(Some(dirfd), name, nix::unistd::UnlinkatFlags::NoRemoveDir)
+                .map_err(sys_err("replace", path))?;
+            mknodat(Some(dirfd), name, kind, mode, devno).map_err(sys_err("mknod", path))?;
+        }
         Err(e) => return Err(sys_err("mknod", path)(e)),
     }
     // mknod honours the umask; set the exact mode and owner.
@@ -293,9 +345,24 @@ fn create_dev_links(dirs: &mut DirCache<'_>) -> Result<()> {
     }
 }
 
-/// Makes the rootfs `/`: pivot_root(2), or MS_MOVE + chroot(2) with --no-pivot.
-pub fn enter(rootfs: &Path, no_pivot: bool) -> Result<()> {
-    if no_pivot {
+/// How the rootfs becomes `/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enter {
+    /// pivot_root(2) and detach the old root (a mount namespace is listed).
+    PivotRoot,
+    /// MS_MOVE onto `/` and chroot(2) (`--no-pivot`).
+    MoveAndChroot,
+    /// Only chroot(2): no mount namespace of the container's own, so nothing
+    /// may be moved or detached in the namespace it shares (runc does this).
+    Chroot,
+}
+
+/// Makes the rootfs `/`.
+pub fn enter(rootfs: &Path, mode: Enter) -> Result<()> {
+    if mode == Enter::Chroot {
+        chdir(rootfs).map_err(sys_err("chdir to", rootfs))?;
+        chroot(".").map_err(sys_err("chroot to", rootfs))?;
+    } else if mode == Enter::MoveAndChroot {
         chdir(rootfs).map_err(sys_err("chdir to", rootfs))?;
         mount(
             Some(rootfs),
@@ -382,7 +449,12 @@ fn set_domainname(name: &str) -> Result<()> {
         .map_err(sys_err("set domainname", Path::new(name)))
 }
 
+/// Writes a sysctl through a private procfs instance (pathrs' hardened
+/// handle: fsopen'd, no symlinks, no mount crossings), so nothing mounted
+/// over a /proc/sys file in the container's mount namespace can redirect
+/// the write to another file (CVE-2025-52881).
 fn write_sysctl(key: &str, value: &str) -> Result<()> {
+    use std::io::Write;
     let valid = !key.is_empty()
         && key
             .split(['.', '/'])
@@ -390,11 +462,21 @@ fn write_sysctl(key: &str, value: &str) -> Result<()> {
     if !valid {
         return Err(RootfsError::SysctlName(key.to_string()));
     }
-    let path = Path::new("/proc/sys").join(key.replace('.', "/"));
-    std::fs::write(&path, value).map_err(|source| RootfsError::Sysctl {
+    let sysctl_err = |e: std::io::Error| RootfsError::Sysctl {
         key: key.to_string(),
-        source,
-    })
+        source: e,
+    };
+    let pathrs_err = |e: pathrs::error::Error| sysctl_err(std::io::Error::other(e.to_string()));
+    let procfs = pathrs::procfs::ProcfsHandle::new().map_err(pathrs_err)?;
+    let sub = PathBuf::from("sys").join(key.replace('.', "/"));
+    let mut file = procfs
+        .open(
+            pathrs::procfs::ProcfsBase::ProcRoot,
+            &sub,
+            pathrs::flags::OpenFlags::O_WRONLY | pathrs::flags::OpenFlags::O_CLOEXEC,
+        )
+        .map_err(pathrs_err)?;
+    file.write_all(value.as_bytes()).map_err(sysctl_err)
 }
 
 fn readonly_path(path: &Path) -> Result<()> {
@@ -420,28 +502,62 @@ fn readonly_path(path: &Path) -> Result<()> {
     .map_err(sys_err("remount read-only", path))
 }
 
+/// Masks `path`: a read-only tmpfs on a directory, the container's
+/// /dev/null bound over anything else. Both ends are opened without
+/// following symlinks and /dev/null must be the real 1:3 device
+/// (CVE-2025-31133: an image's /dev/null pointing at a /proc file would turn
+/// the mask into a writable bind of that file).
 fn mask_path(path: &Path) -> Result<()> {
-    let result = if path.is_dir() {
-        mount(
+    let target = match open_nofollow(path) {
+        Ok(fd) => fd,
+        Err(nix::Error::ENOENT) => return Ok(()),
+        Err(e) => return Err(sys_err("open masked path", path)(e)),
+    };
+    let st = nix::sys::stat::fstat(target.as_raw_fd()).map_err(sys_err("stat", path))?;
+    let target_path = fd_path(target.as_fd());
+    let result = match st.st_mode & libc::S_IFMT {
+        libc::S_IFDIR => mount(
             Some("tmpfs"),
-            path,
+            &target_path,
             Some("tmpfs"),
             MsFlags::MS_RDONLY,
             None::<&str>,
-        )
-    } else {
-        mount(
-            Some("/dev/null"),
-            path,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
+        ),
+        // A symlink is not followed to whatever it names; it is left alone.
+        libc::S_IFLNK => return Ok(()),
+        _ => {
+            let null = real_dev_null()?;
+            mount(
+                Some(&fd_path(null.as_fd())),
+                &target_path,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+        }
     };
-    match result {
-        Ok(()) | Err(nix::Error::ENOENT) => Ok(()),
-        Err(e) => Err(sys_err("mask", path)(e)),
+    result.map_err(sys_err("mask", path))
+}
+
+fn open_nofollow(path: &Path) -> nix::Result<std::os::fd::OwnedFd> {
+    let fd = open(
+        path,
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    // SAFETY: `open` just returned this fd and nothing else owns it.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// The container's /dev/null, checked to be the null device itself.
+fn real_dev_null() -> Result<std::os::fd::OwnedFd> {
+    let path = Path::new("/dev/null");
+    let fd = open_nofollow(path).map_err(sys_err("open", path))?;
+    let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(sys_err("stat", path))?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFCHR || st.st_rdev != makedev(1, 3) {
+        return Err(RootfsError::NotDevNull);
     }
+    Ok(fd)
 }
 
 #[cfg(test)]

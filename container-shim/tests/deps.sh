@@ -7,9 +7,14 @@
 # - containerd (+ ctr, containerd-shim-runc-v2)
 # - busybox-static: the container rootfs is built from it at test time
 # - hyperfine: for the perf comparison (not needed by the tests)
+# - mmdebstrap (+ ca-certificates): the Debian system-container rootfs,
+#   made at test time (tests/system.rs)
+# - golang-go, make: build the runtime-tools validation suite from
+#   ../shared/vendor (tests/validation.rs)
+# - util-linux (mount), procps (ldd is in libc-bin): the attack tests
 set -eu
 
-PKGS="podman conmon containernetworking-plugins iptables uidmap catatonit runc containerd busybox-static hyperfine"
+PKGS="podman conmon containernetworking-plugins iptables uidmap catatonit runc containerd busybox-static hyperfine mmdebstrap ca-certificates golang-go make util-linux procps"
 
 missing=""
 for p in $PKGS; do

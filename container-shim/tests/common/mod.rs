@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 
+pub mod debian;
+pub mod podman;
+
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
@@ -186,20 +189,29 @@ impl Bundle {
 /// A private `--root` for the runtime.
 pub struct Shim {
     pub root: TempDir,
+    /// The runtime binary this driver runs.
+    pub bin: PathBuf,
 }
 
 impl Shim {
     pub fn new() -> Shim {
+        Shim::with_binary(Path::new(SHIM))
+    }
+
+    /// A driver for another copy of the runtime (attack tests run a copy,
+    /// so a vulnerable runtime cannot destroy the binary under test).
+    pub fn with_binary(bin: &Path) -> Shim {
         Shim {
             root: tempfile::Builder::new()
                 .prefix("plexvm-root")
                 .tempdir()
                 .unwrap(),
+            bin: bin.to_path_buf(),
         }
     }
 
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(SHIM);
+        let mut c = Command::new(&self.bin);
         c.arg("--root").arg(self.root.path()).args(args);
         c
     }
