@@ -501,6 +501,31 @@ fn check_written_disks(run: &plexvm_tests::lab::LabRun, name: &str, raw_img: &st
     }
 }
 
+/// Builds the guest `name` of [`WRITE_UNTIL_STOPPED_SCRIPT`] with its three disks and
+/// returns the scenario lines that start it and wait until it writes (`$API` is its
+/// API socket, `stop_writes` ends its writing).
+fn start_writing_guest(lab: &Lab, name: &str) -> String {
+    let kernel = lab.kernel().clone();
+    let g = LinuxGuest::build(
+        lab.work(),
+        name,
+        &kernel,
+        &kernel.image,
+        &[],
+        WRITE_UNTIL_STOPPED_SCRIPT,
+    );
+    lab.write(
+        &format!("{name}.toml"),
+        &g.spec(lab.work(), name, 2, 512, &three_disks(name)),
+    );
+    disks_until_stopped(name)
+        + &format!(
+            "vm_start {name} {name}.toml\n\
+             API=$LAB_SCRATCH/{name}.api\n\
+             wait_for {name}.serial.log \"GUEST-PHASE writing\" 300 \"$(vm_pid {name})\"\n"
+        )
+}
+
 /// The plexvm-blk disks `raw`, `fs` and `ctl` of [`WRITE_UNTIL_STOPPED_SCRIPT`].
 fn three_disks(name: &str) -> String {
     ["raw", "fs", "ctl"]
@@ -513,26 +538,10 @@ fn three_disks(name: &str) -> String {
 fn lab_plexvm_blk_sigkilled_12_times_during_linux_direct_and_fsync_writes() {
     let test = "lab_plexvm_blk_sigkilled_12_times_during_linux_direct_and_fsync_writes";
     let lab = Lab::new(test).unwrap();
-    let kernel = lab.kernel().clone();
-    let g = LinuxGuest::build(
-        lab.work(),
-        "kill",
-        &kernel,
-        &kernel.image,
-        &[],
-        WRITE_UNTIL_STOPPED_SCRIPT,
-    );
-    lab.write(
-        "kill.toml",
-        &g.spec(lab.work(), "kill", 2, 512, &three_disks("kill")),
-    );
     // Kill the two disks' backends in turn, each time waiting until the core has
     // restarted it and serves again, while the guest writes.
-    let scenario = disks_until_stopped("kill")
+    let scenario = start_writing_guest(&lab, "kill")
         + r#"
-vm_start kill kill.toml
-API=$LAB_SCRATCH/kill.api
-wait_for kill.serial.log "GUEST-PHASE writing" 300 "$(vm_pid kill)"
 kills=0
 while ((kills < 12)); do
   sleep 0.7
@@ -584,26 +593,10 @@ fn lab_live_swap_plexvm_blk_to_qemu_storage_daemon_and_back_under_linux_writes()
         test,
         &plexvm_tests::prereq::missing(&[plexvm_tests::prereq::QEMU_STORAGE_DAEMON]),
     );
-    let kernel = lab.kernel().clone();
-    let g = LinuxGuest::build(
-        lab.work(),
-        "swap",
-        &kernel,
-        &kernel.image,
-        &[],
-        WRITE_UNTIL_STOPPED_SCRIPT,
-    );
-    lab.write(
-        "swap.toml",
-        &g.spec(lab.work(), "swap", 2, 512, &three_disks("swap")),
-    );
     // Each disk goes plexvm-blk -> qemu-storage-daemon -> plexvm-blk while the guest
     // writes; the API must show the socket of each backend in turn.
-    let scenario = disks_until_stopped("swap")
+    let scenario = start_writing_guest(&lab, "swap")
         + r#"
-vm_start swap swap.toml
-API=$LAB_SCRATCH/swap.api
-wait_for swap.serial.log "GUEST-PHASE writing" 300 "$(vm_pid swap)"
 swaps=0
 for dev in raw fs; do
   img="$LAB_SCRATCH/swap-$dev.img"
