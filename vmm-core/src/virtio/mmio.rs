@@ -17,7 +17,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::event_loop::DeviceEventHandler;
 use super::interrupt::InterruptLine;
-use super::registers::{DeviceOps, MmioRegisters, INT_VRING};
+use super::registers::{DeviceOps, MmioRegisters};
 use super::ring_tracker::RingTracker;
 use super::state::DeviceState;
 use super::{
@@ -682,21 +682,21 @@ impl VirtioMmioTransport {
             self.device.frontend = None;
             return Err(e);
         }
-        let mut started = false;
         for (i, _) in state.queues.iter().enumerate().filter(|(_, q)| q.started) {
             if let Some(kick) = self.device.kicks.get(i) {
                 let _ = kick.write(1);
             }
-            started = true;
-        }
-        // The previous backend may have published used entries and died before it
-        // signalled its call eventfd: a driver that sleeps until an interrupt (Linux)
-        // would then wait for those completions forever if it submits nothing more (a
-        // `dd ... conv=fsync` waiting for its last write). One used-buffer interrupt
-        // makes it look; a spurious one is harmless (virtio 1.2 section 2.7.7.2: the
-        // driver checks the used ring).
-        if started {
-            self.device.interrupt.signal(INT_VRING);
+            // The previous backend may have published used entries and died before it
+            // signalled its call eventfd: a driver that sleeps until an interrupt
+            // (Linux) would then wait for those completions forever if it submits
+            // nothing more (a `dd ... conv=fsync` waiting for its last write). One
+            // signal on the queue's call eventfd makes it look, through whichever path
+            // the transport routes it (virtio-mmio: InterruptStatus + irqfd; virtio-pci:
+            // the queue's MSI-X vector); a spurious one is harmless (virtio 1.2 section
+            // 2.7.7.2: the driver checks the used ring).
+            if let Some(call) = self.device.calls.get(i) {
+                let _ = call.write(1);
+            }
         }
         self.backend_state.set(BackendState::Up);
         Ok(tracked)
