@@ -80,7 +80,7 @@ pub struct VirtioDevices {
     transports: Vec<Arc<Mutex<VirtioMmioTransport>>>,
     windows: Vec<(u64, u32)>,
     pci: Option<InstalledPci>,
-    /// Whether a device is on PCI (the bus itself is always there).
+    /// Whether a device is on PCI (then the bus is there).
     pci_devices: bool,
     _events: Option<EventLoop>,
 }
@@ -104,21 +104,11 @@ impl VirtioDevices {
             return Err(DeviceSetupError::TooMany(mmio_count));
         }
         if config.devices.is_empty() {
-            let pci = PciPlatform::new(vm)
-                .map_err(|source| DeviceSetupError::Pci {
-                    id: "pci".into(),
-                    source,
-                })?
-                .install(mmio)
-                .map_err(|source| DeviceSetupError::Bus {
-                    id: "pci".into(),
-                    source,
-                })?;
             return Ok(VirtioDevices {
                 supervisor: None,
                 transports: Vec::new(),
                 windows: Vec::new(),
-                pci: Some(pci),
+                pci: None,
                 pci_devices: false,
                 _events: None,
             });
@@ -162,20 +152,7 @@ impl VirtioDevices {
             transports.push(transport);
             windows.push((base, gsi));
         }
-        // The host bridge and configuration mechanism #1 are there even when no device
-        // is on PCI: Linux then finds an empty bus 0 instead of printing "PCI: Fatal: No
-        // config space access function found" (`pci=off` would not help: it skips the
-        // 0xCF8 probe, and that message is printed when no access method was found).
-        // The ACPI tables name the host bridge and ECAM only when a device is on PCI.
         let pci_devices = pci.is_some();
-        if pci.is_none() {
-            pci = Some(
-                PciPlatform::new(vm).map_err(|source| DeviceSetupError::Pci {
-                    id: "pci".into(),
-                    source,
-                })?,
-            );
-        }
         let pci = match pci {
             Some(platform) => {
                 Some(
@@ -217,7 +194,7 @@ impl VirtioDevices {
         self.pci_devices
     }
 
-    /// Configuration mechanism #1 (ports 0xCF8..0xCFF) (always: the host bridge is there even without PCI devices).
+    /// Configuration mechanism #1 (ports 0xCF8..0xCFF), when a device is on PCI.
     pub fn pci_config_io(&self) -> Option<Arc<Mutex<dyn PioDevice>>> {
         self.pci.as_ref().map(|p| {
             let io: Arc<Mutex<dyn PioDevice>> = p.config_io.clone();
