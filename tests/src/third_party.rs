@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::prereq::skip_unless_ready;
+use crate::prereq::require;
 
 /// The cache folder: `PLEXVM_BACKENDS_DIR`, else `~/.cache/plexvm/backends` (the same
 /// rule as tests/deps/vhost-devices.sh).
@@ -15,17 +15,16 @@ pub fn backends_dir() -> PathBuf {
     PathBuf::from(home).join(".cache/plexvm/backends")
 }
 
-/// The installed binary `name` (e.g. `vhost-device-rng`), or `None` (after saying why;
-/// a panic where skipping is forbidden) when it is not installed.
-pub fn installed(test: &str, name: &str) -> Option<PathBuf> {
+/// The installed binary `name` (e.g. `vhost-device-rng`); fails `test`, saying why, when
+/// it is not installed (a test never skips).
+pub fn installed(test: &str, name: &str) -> PathBuf {
     let path = backends_dir().join("bin").join(name);
-    if path.is_file() {
-        return Some(path);
+    if !path.is_file() {
+        let reason = format!(
+            "{} is not installed (tests/deps/vhost-devices.sh installs it; tests/run.sh runs that)",
+            path.display()
+        );
+        require(test, &[reason]);
     }
-    let reason = format!(
-        "{} is not installed (tests/deps/vhost-devices.sh installs it; tests/run.sh runs that)",
-        path.display()
-    );
-    skip_unless_ready(test, &[reason]);
-    None
+    path
 }

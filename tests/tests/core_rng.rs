@@ -69,9 +69,7 @@ fn generic_kind_with_device_id_4_is_the_same_rng_device() {
 /// `[[device]]` of `kind` plus `fields`, and checks every byte the probe reports;
 /// with `config`, also that the first config-space bytes read as that hex.
 fn read_through_vhost_device_rng(test: &str, kind: &str, fields: &str, config: Option<&str>) {
-    let Some(program) = installed(test, "vhost-device-rng") else {
-        return;
-    };
+    let program = installed(test, "vhost-device-rng");
     let dir = tempfile::tempdir().unwrap();
     let source = entropy(SOURCE_BYTES);
     let source_path = dir.path().join("entropy.bin");

@@ -480,9 +480,7 @@ fn acpi_tables_from_guest_memory_bind_linux_drivers_under_qemu() {
     let test = "acpi_tables_from_guest_memory_bind_linux_drivers_under_qemu";
     let kernel = debian_kernel(test);
     let tools = [prereq::QEMU_SYSTEM, prereq::BUSYBOX_STATIC, prereq::CPIO];
-    if prereq::skip_unless_ready(test, &prereq::missing(&tools)) {
-        return;
-    }
+    prereq::require(test, &prereq::missing(&tools));
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     fs::write(d.join("dump.elf"), acpi_dump_elf()).unwrap();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use plexvm_protocol::api::BackendState;
 use plexvm_tests::create_image;
-use plexvm_tests::prereq::{missing, skip_unless_ready, QEMU_STORAGE_DAEMON};
+use plexvm_tests::prereq::{missing, require, QEMU_STORAGE_DAEMON};
 use plexvm_tests::vhost_backends::{spawn_qemu_storage_daemon, BlkBackendOptions};
 use recovery_common::{assert_verified, median_max, note, Rng, TestVm, DISK};
 
@@ -23,9 +23,7 @@ const MIN_SPAN: Duration = Duration::from_secs(20);
 #[test]
 fn sigkilled_qemu_storage_daemon_is_replaced_and_reconnected() {
     let test = "sigkilled_qemu_storage_daemon_is_replaced_and_reconnected";
-    if skip_unless_ready(test, &missing(&[QEMU_STORAGE_DAEMON])) {
-        return;
-    }
+    require(test, &missing(&[QEMU_STORAGE_DAEMON]));
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.raw");
     create_image(&image, DISK).unwrap();

@@ -17,7 +17,7 @@ mod recovery_common;
 use std::time::Duration;
 
 use plexvm_protocol::api::{BackendState, DeviceInfo};
-use plexvm_tests::prereq::{missing, skip_unless_ready, QEMU_STORAGE_DAEMON};
+use plexvm_tests::prereq::{missing, require, QEMU_STORAGE_DAEMON};
 use plexvm_tests::vhost_backends::{spawn_qemu_storage_daemon, BlkBackendOptions};
 use plexvm_tests::{create_image, wait_for};
 use recovery_common::{assert_verified, note, Rng, TestVm, DISK};
@@ -139,9 +139,7 @@ fn swap_away_from_a_sigstopped_backend_succeeds() {
 #[test]
 fn sigstopped_qemu_storage_daemon_is_reported_stalled_and_waited_for() {
     let test = "sigstopped_qemu_storage_daemon_is_reported_stalled_and_waited_for";
-    if skip_unless_ready(test, &missing(&[QEMU_STORAGE_DAEMON])) {
-        return;
-    }
+    require(test, &missing(&[QEMU_STORAGE_DAEMON]));
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.raw");
     create_image(&image, DISK).unwrap();

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use plexvm_protocol::api::{BackendState, DeviceInfo};
-use plexvm_tests::prereq::{missing, skip_unless_ready, QEMU_STORAGE_DAEMON};
+use plexvm_tests::prereq::{missing, require, QEMU_STORAGE_DAEMON};
 use plexvm_tests::vhost_backends::{spawn_qemu_storage_daemon, BlkBackendOptions};
 use plexvm_tests::{bin, create_image, wait_for};
 use recovery_common::{assert_verified, note, TestVm, DISK};
@@ -32,9 +32,7 @@ fn swapped(vm: &TestVm, args: &[&str]) -> DeviceInfo {
 #[test]
 fn plexvm_blk_and_qemu_storage_daemon_swap_under_a_running_guest() {
     let test = "plexvm_blk_and_qemu_storage_daemon_swap_under_a_running_guest";
-    if skip_unless_ready(test, &missing(&[QEMU_STORAGE_DAEMON])) {
-        return;
-    }
+    require(test, &missing(&[QEMU_STORAGE_DAEMON]));
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.raw");
     create_image(&image, DISK).unwrap();

@@ -8,7 +8,7 @@ mod recovery_common;
 use std::time::Duration;
 
 use plexvm_protocol::api::{BackendState, DeviceInfo};
-use plexvm_tests::prereq::{missing, skip_unless_ready, QEMU_STORAGE_DAEMON};
+use plexvm_tests::prereq::{missing, require, QEMU_STORAGE_DAEMON};
 use plexvm_tests::vhost_backends::{spawn_qemu_storage_daemon, BlkBackendOptions};
 use plexvm_tests::{create_image, wait_for};
 use recovery_common::{assert_verified, TestVm, DISK};
@@ -30,9 +30,7 @@ fn swapped(vm: &TestVm, args: &[&str]) -> DeviceInfo {
 #[test]
 fn backends_swap_under_a_running_guest_on_virtio_pci() {
     let test = "backends_swap_under_a_running_guest_on_virtio_pci";
-    if skip_unless_ready(test, &missing(&[QEMU_STORAGE_DAEMON])) {
-        return;
-    }
+    require(test, &missing(&[QEMU_STORAGE_DAEMON]));
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("disk.raw");
     create_image(&image, DISK).unwrap();
