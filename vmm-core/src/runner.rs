@@ -292,6 +292,18 @@ fn load_initrd(
     })
 }
 
+/// For a Linux kernel and no device on PCI: configuration mechanism #1 with only the
+/// host bridge at 00:00.0 behind it, so that Linux's x86 PCI set-up finds an access
+/// method (no "PCI: Fatal" line). Nothing else is there: the DSDT names no PCI root, no
+/// ECAM and no BAR window, so Linux scans no bus. The probe gets `pci=off` instead.
+fn bare_host_bridge(config: &VmConfigResolved) -> Option<Arc<Mutex<dyn PioDevice>>> {
+    if config.kernel == KernelSource::Probe {
+        return None;
+    }
+    let root = Arc::new(crate::pci::PciRoot::new());
+    Some(Arc::new(Mutex::new(crate::pci::PciConfigIo::new(root))))
+}
+
 /// What the core appends to the user's command line: the virtio-mmio devices, and for a
 /// Linux kernel the serial console and the i8042 options the platform needs; an entry
 /// the user already has is not repeated.
@@ -305,11 +317,10 @@ fn core_cmdline_entries(config: &VmConfigResolved, devices: &VirtioDevices) -> V
         // from probing an AUX port and a multiplexer that are not there.
         extra.extend(["reboot=k", "i8042.noaux", "i8042.nomux", "i8042.dumbkbd"].map(String::from));
     }
-    // Without a device on PCI there is no PCI bus; the probe is told to skip its scan.
-    // Linux is not: `pci=off` skips its 0xCF8 probe but it still prints "PCI: Fatal: No
-    // config space access function found" (arch/x86/pci/init.c), which only a host
-    // bridge answering on 0xCF8 avoids. Making the host bridge always present was tried
-    // and not proven safe in time (see the issue-11 note); until then Linux prints it.
+    // Without a device on PCI the probe is told to skip its bus scan. Linux is not told
+    // `pci=off`: that skips its 0xCF8 probe, and then it prints "PCI: Fatal: No config
+    // space access function found" (arch/x86/pci/init.c). It finds the bare host bridge
+    // instead (`bare_host_bridge`), and with no PCI root in the DSDT scans no bus.
     if config.kernel == KernelSource::Probe && !devices.uses_pci() {
         extra.push("pci=off".to_string());
     }
@@ -355,7 +366,10 @@ pub fn prepare(config: VmConfigResolved, serial: SerialOut) -> Result<PreparedVm
     let devices = VirtioDevices::create(&config, &vm, runtime_dir.path(), &mut mmio, &mut early)
         .map_err(RunError::Devices)?;
     drop(early);
-    if let Some(config_io) = devices.pci_config_io() {
+    if let Some(config_io) = devices
+        .pci_config_io()
+        .or_else(|| bare_host_bridge(&config))
+    {
         let (port, len) = (crate::pci::CONFIG_IO_PORT, crate::pci::CONFIG_IO_LEN);
         pio.insert(port.into(), len.into(), config_io)
             .map_err(|e| RunError::Device {
