@@ -85,13 +85,6 @@ pub fn require(test: &str, reasons: &[String]) {
     );
 }
 
-/// Kept for the callers written when tests could skip: now fails like [`require`] when
-/// `reasons` is not empty, and otherwise returns false.
-pub fn skip_unless_ready(test: &str, reasons: &[String]) -> bool {
-    require(test, reasons);
-    false
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

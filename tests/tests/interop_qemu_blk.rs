@@ -18,7 +18,7 @@ use plexvm_tests::blk_guest::{
 };
 use plexvm_tests::ext_image::{debugfs_cat, e2fsck_clean, mkfs_ext2_from, write_test_tree};
 use plexvm_tests::initramfs::{GuestKernel, InitramfsSpec, EXT4_MODULES, VIRTIO_BLK_MODULES};
-use plexvm_tests::prereq::{self, skip_unless_ready};
+use plexvm_tests::prereq;
 use plexvm_tests::qemu::{self, GuestRun, QemuGuest};
 use plexvm_tests::vhost_backends::{spawn_plexvm_blk, BlkBackendOptions, RunningBackend};
 use plexvm_tests::{create_image, sha256_file};
@@ -33,18 +33,16 @@ const DELETED_FILES: usize = 2;
 /// guest (it is not a timing assertion).
 const GUEST_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// The installed kernel, or None (after printing why) when the test must skip.
-fn guest_kernel(test: &str) -> Option<GuestKernel> {
+/// The installed kernel; fails the test when it or a tool is missing.
+fn guest_kernel(test: &str) -> GuestKernel {
     let mut reasons = prereq::missing(&[prereq::QEMU_SYSTEM, prereq::BUSYBOX_STATIC, prereq::CPIO]);
     reasons.extend(prereq::missing(prereq::E2FSPROGS));
     let kernel = GuestKernel::find_installed();
     if let Err(e) = &kernel {
         reasons.push(e.to_string());
     }
-    if skip_unless_ready(test, &reasons) {
-        return None;
-    }
-    kernel.ok()
+    prereq::require(test, &reasons);
+    kernel.expect("checked above")
 }
 
 /// Boots `script` under QEMU against `backend`'s socket and returns the guest's run.
@@ -142,9 +140,7 @@ fn check_claims_on_host(image: &Path, run: &GuestRun) -> Result<usize> {
 /// The read-write workload against plexvm-blk with `queues` queues and `vcpus` vCPUs,
 /// then every host-side check.
 fn read_write_round_trip(test: &str, vcpus: u32, queues: u16) -> Result<()> {
-    let Some(kernel) = guest_kernel(test) else {
-        return Ok(());
-    };
+    let kernel = guest_kernel(test);
     let dir = tempfile::tempdir()?;
     let image = dir.path().join("disk.raw");
     create_image(&image, DISK_BYTES)?;
@@ -206,9 +202,7 @@ fn linux_guest_two_vcpus_multiqueue_on_plexvm_blk() -> Result<()> {
 #[test]
 fn linux_guest_sees_read_only_plexvm_blk_disk() -> Result<()> {
     let test = "linux_guest_sees_read_only_plexvm_blk_disk";
-    let Some(kernel) = guest_kernel(test) else {
-        return Ok(());
-    };
+    let kernel = guest_kernel(test);
     let dir = tempfile::tempdir()?;
     let tree = dir.path().join("tree");
     let names = write_test_tree(&tree, 42)?;

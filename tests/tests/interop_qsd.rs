@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use plexvm_tests::ext_image::pattern_bytes;
-use plexvm_tests::prereq::{self, skip_unless_ready};
+use plexvm_tests::prereq;
 use plexvm_tests::vhost_backends::{
     spawn_plexvm_blk, spawn_qemu_storage_daemon, BlkBackendOptions, RunningBackend,
 };
@@ -41,8 +41,9 @@ struct ProbeRun {
     image_sha256: String,
 }
 
-fn must_skip(test: &str) -> bool {
-    skip_unless_ready(test, &prereq::missing(&[prereq::QEMU_STORAGE_DAEMON]))
+/// Fails the test when qemu-storage-daemon is missing (tests/run.sh installs it).
+fn require_qsd(test: &str) {
+    prereq::require(test, &prereq::missing(&[prereq::QEMU_STORAGE_DAEMON]));
 }
 
 /// A spec for the probe's blk-verify workload with one disk reached through `socket`.
@@ -125,9 +126,7 @@ fn patterned_image(path: &Path) -> Result<()> {
 
 #[test]
 fn core_probe_verifies_disk_served_by_qemu_storage_daemon() -> Result<()> {
-    if must_skip("core_probe_verifies_disk_served_by_qemu_storage_daemon") {
-        return Ok(());
-    }
+    require_qsd("core_probe_verifies_disk_served_by_qemu_storage_daemon");
     let dir = tempfile::tempdir()?;
     let image = dir.path().join("disk.raw");
     patterned_image(&image)?;
@@ -149,9 +148,7 @@ fn core_probe_verifies_disk_served_by_qemu_storage_daemon() -> Result<()> {
 
 #[test]
 fn swap_plexvm_blk_for_qemu_storage_daemon_gives_identical_images() -> Result<()> {
-    if must_skip("swap_plexvm_blk_for_qemu_storage_daemon_gives_identical_images") {
-        return Ok(());
-    }
+    require_qsd("swap_plexvm_blk_for_qemu_storage_daemon_gives_identical_images");
     let seed = 23;
     let mut runs = Vec::new();
     let mut dirs = Vec::new(); // kept until the end: each holds one run's image

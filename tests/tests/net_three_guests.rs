@@ -58,12 +58,10 @@ fn net_killing_one_guest_does_not_disturb_the_others() -> Result<()> {
     if let Err(e) = GuestKernel::find_installed() {
         missing.push(e.to_string());
     }
-    if prereq::skip_unless_ready(
+    prereq::require(
         "net_killing_one_guest_does_not_disturb_the_others",
         &missing,
-    ) {
-        return Ok(());
-    }
+    );
     let _cpu = qemu::exclusive();
     let dir = tempfile::tempdir()?;
     let kernel = GuestKernel::find_installed()?;

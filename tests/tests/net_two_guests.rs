@@ -54,9 +54,7 @@ fn net_two_guests_ping_and_transfer() -> Result<()> {
     if let Err(e) = GuestKernel::find_installed() {
         missing.push(e.to_string());
     }
-    if prereq::skip_unless_ready("net_two_guests_ping_and_transfer", &missing) {
-        return Ok(());
-    }
+    prereq::require("net_two_guests_ping_and_transfer", &missing);
     let _cpu = qemu::exclusive();
     let dir = tempfile::tempdir()?;
     let kernel = GuestKernel::find_installed()?;
