@@ -57,8 +57,8 @@ const LAB_LIB: &str = include_str!("lab-lib.sh");
 /// now and then crashed (a page-fault loop on a bad GS base in a plexvm vCPU thread)
 /// and guests triple-faulted while KVM guests ran inside; `thread=single` with two
 /// vCPUs makes every cross-CPU wait a TCG time slice. tests/README.md ("One lab vCPU")
-/// has what was seen. Guests with 1 and 2 vCPUs run on the one lab CPU; a test with a
-/// 4-vCPU guest sets [`Lab::vcpus`] to 2.
+/// has what was seen. Guests with 1 and 2 vCPUs run on the one lab CPU; 4-vCPU guests
+/// do not boot reliably in any lab yet (tests/README.md).
 pub const LAB_VCPUS: u32 = 1;
 
 /// A lab machine for one test: its work folder, shared with the lab at the same path.

@@ -138,18 +138,6 @@ fn lab_debian_bzimage_and_vmlinux_boot_to_userspace_with_1_vcpu_and_write_ext4()
     );
 }
 
-/// A 4-vCPU guest did not reach userspace within 300 s on a 1-vCPU lab, so this test
-/// alone runs on a 2-vCPU lab, whose emulator now and then triple-faults a guest at
-/// boot (tests/README.md, "One lab vCPU"); nextest retries it (.config/nextest.toml).
-#[test]
-fn lab_debian_bzimage_and_vmlinux_boot_to_userspace_with_4_vcpus_and_write_ext4() {
-    boot_bzimage_and_vmlinux_and_write_ext4(
-        "lab_debian_bzimage_and_vmlinux_boot_to_userspace_with_4_vcpus_and_write_ext4",
-        2,
-        4,
-    );
-}
-
 /// The guest half of the full boot (the test that used to return early on these hosts):
 /// find the virtio-blk disk ACPI announced, mount the ext2 image the host made, print
 /// the checksum of its file and the CPU count, and reset through the i8042 (`reboot -f`
